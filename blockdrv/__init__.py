@@ -1,0 +1,34 @@
+"""blockdrv: an NBD client block driver for trio that does not lose a request.
+
+See README.md for the overview and DESIGN.md (in the project's shared folder) for the
+architecture.  The public names are re-exported here.
+"""
+
+from .protocol.errors import (
+    ConnectionLostError,
+    InvalidArgumentError,
+    NBDError,
+    OptionError,
+    ProtocolError,
+    RequestError,
+    UnsupportedError,
+)
+from .protocol.export import ExportEntry, ExportInfo
+from .protocol.uri import NBDAddress, parse_uri
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConnectionLostError",
+    "ExportEntry",
+    "ExportInfo",
+    "InvalidArgumentError",
+    "NBDAddress",
+    "NBDError",
+    "OptionError",
+    "ProtocolError",
+    "RequestError",
+    "UnsupportedError",
+    "parse_uri",
+    "__version__",
+]
