@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from support.peers import Nbdkit, NbdServer, Peer, QemuNbd, sparse_image
+from support.peers import EmbeddedServer, Nbdkit, NbdServer, Peer, QemuNbd, sparse_image
 
 MiB = 1024 * 1024
 
@@ -28,10 +28,12 @@ def _make_peer(kind: str, tmp_path: Path, image: Path) -> Peer:
         return QemuNbd(tmp_path, image)
     if kind == "nbd-server":
         return NbdServer(tmp_path, image)
+    if kind == "embedded":
+        return EmbeddedServer(tmp_path, "--file", str(image))
     raise ValueError(kind)
 
 
-REAL_SERVERS = ["nbdkit", "nbdkit-no-sr", "nbdkit-tcp", "qemu-nbd", "nbd-server"]
+REAL_SERVERS = ["nbdkit", "nbdkit-no-sr", "nbdkit-tcp", "qemu-nbd", "nbd-server", "embedded"]
 
 
 @pytest.fixture(params=REAL_SERVERS)

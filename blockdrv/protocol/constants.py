@@ -162,6 +162,22 @@ class CommandFlag(enum.IntFlag):
     PAYLOAD_LEN = 1 << 5
 
 
+ALLOWED_COMMAND_FLAGS: dict[Command, CommandFlag] = {
+    Command.READ: CommandFlag.FUA | CommandFlag.DF,
+    Command.WRITE: CommandFlag.FUA,
+    Command.FLUSH: CommandFlag.FUA,
+    Command.TRIM: CommandFlag.FUA,
+    Command.CACHE: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+    Command.DISC: CommandFlag(0),
+}
+"""Request flags each command may carry at all (spec, "Command flags")."""
+
+WRITING_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+"""Commands a read-only export refuses."""
+
+
 class ReplyFlag(enum.IntFlag):
     """Structured reply chunk flags."""
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .constants import (
+    ALLOWED_COMMAND_FLAGS,
     DEFAULT_MAX_PAYLOAD,
+    WRITING_COMMANDS,
     Command,
     CommandFlag,
     TransmissionFlag,
@@ -157,19 +159,7 @@ _COMMAND_FLAG = {
     Command.WRITE_ZEROES: (TransmissionFlag.SEND_WRITE_ZEROES, "write zeroes"),
     Command.CACHE: (TransmissionFlag.SEND_CACHE, "cache"),
 }
-_WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 _RANGELESS = (Command.FLUSH, Command.DISC)
-# Which request flags each command may carry at all (spec, "Command flags").
-_ALLOWED_FLAGS = {
-    Command.READ: CommandFlag.FUA | CommandFlag.DF,
-    Command.WRITE: CommandFlag.FUA,
-    Command.FLUSH: CommandFlag.FUA,
-    Command.TRIM: CommandFlag.FUA,
-    Command.CACHE: CommandFlag.FUA,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
-    Command.DISC: CommandFlag(0),
-}
 # Which request flags need a transmission flag first.
 _FLAG_NEEDS = {
     CommandFlag.FUA: (TransmissionFlag.SEND_FUA, "FUA"),
@@ -191,7 +181,7 @@ def check_request(info: ExportInfo, command: int, offset: int, length: int,
     except ValueError:
         raise InvalidArgumentError(f"unknown command {command}") from None
     name = cmd.name
-    if cmd in _WRITING and info.is_read_only:
+    if cmd in WRITING_COMMANDS and info.is_read_only:
         raise UnsupportedError(f"{name}: the export is read-only", errno=errno.EPERM)
     need = _COMMAND_FLAG.get(cmd)
     if need is not None and not info.flags & need[0]:
@@ -200,7 +190,7 @@ def check_request(info: ExportInfo, command: int, offset: int, length: int,
         raise UnsupportedError("BLOCK_STATUS: no metadata context was negotiated")
     if cmd == Command.RESIZE:
         raise UnsupportedError("RESIZE is not supported")
-    extra = flags & ~_ALLOWED_FLAGS[cmd]
+    extra = flags & ~ALLOWED_COMMAND_FLAGS[cmd]
     if extra:
         raise InvalidArgumentError(f"{name}: flag {CommandFlag(extra)!r} is not valid here")
     for flag, (needed, what) in _FLAG_NEEDS.items():

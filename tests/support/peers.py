@@ -25,6 +25,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -195,6 +196,16 @@ class QemuNbd(ActivatedServer):
                  fmt: str = "raw") -> None:
         super().__init__(directory, ["qemu-nbd", "--persistent", "--shared=16", "-f", fmt,
                                      "--discard=unmap", *args, str(image)], transport)
+
+
+class EmbeddedServer(ActivatedServer):
+    """``blockdrv serve`` as a subprocess, socket-activated like nbdkit."""
+
+    name = "blockdrv-serve"
+
+    def __init__(self, directory: Path, *args: str, transport: str = "unix") -> None:
+        super().__init__(directory, [sys.executable, "-m", "blockdrv", "serve", *args],
+                         transport)
 
 
 class NbdServer(Peer):

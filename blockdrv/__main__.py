@@ -1,0 +1,5 @@
+"""``python -m blockdrv`` runs the ``blockdrv`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""The ``blockdrv`` command.
+
+Subcommands live here as thin click wrappers; the work is done by the library.  Errors
+the user can act on (a bad size, a file that cannot be opened, a refused connection) are
+printed as one line on stderr with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+import trio
+
+from . import __version__
+from .units import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]
+    """A byte count with an optional K/M/G/T suffix."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def one_line_errors(func: F) -> F:
+    """Turn OSError/ValueError from the library into a one-line click error."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise click.ClickException(message) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="blockdrv")
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+def main(verbose: int) -> None:
+    """blockdrv: an NBD client block driver and the tools around it."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="blockdrv: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@main.command()
+@click.option("--memory", "memory", type=SIZE, help="Serve a sparse in-memory disk.")
+@click.option("--file", "path", type=click.Path(dir_okay=False),
+              help="Serve a file (sparse-aware).")
+@click.option("--size", type=SIZE, help="With --file: create/resize the file to SIZE.")
+@click.option("--export", "export_name", default="", show_default=True,
+              help="Export name.")
+@click.option("--description", default="", help="Export description.")
+@click.option("--unix", "unix", type=click.Path(), help="Listen on this Unix socket.")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="TCP address.")
+@click.option("--port", type=click.IntRange(0, 65535),
+              help="TCP port (0 picks a free one; default 10809).")
+@click.option("--read-only", is_flag=True, help="Refuse writes.")
+@click.option("--max-payload", type=SIZE, default="32M", show_default=True,
+              help="Largest READ/WRITE accepted (advertised as the maximum block size).")
+@click.option("--min-block", type=SIZE, default="1", show_default=True,
+              help="Minimum block size (alignment) advertised and enforced.")
+@click.option("--shuffle-replies", is_flag=True,
+              help="Send replies in a deliberately shuffled order (tests clients).")
+@click.option("--no-structured", is_flag=True, help="Refuse structured replies.")
+@click.option("--no-extended", is_flag=True, help="Refuse extended headers.")
+@click.option("--seed", type=int, help="Seed for shuffling and fault rates.")
+@one_line_errors
+def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
+          description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
+          max_payload: int, min_block: int, shuffle_replies: bool, no_structured: bool,
+          no_extended: bool, seed: int | None) -> None:
+    """Serve one export over NBD until SIGINT/SIGTERM.
+
+    Prints the export's NBD URI on the first line of stdout once listening. Without
+    --unix or --port it uses sockets from systemd socket activation if any, else
+    127.0.0.1:10809.
+    """
+    from .server import Export, FileBackend, MemoryBackend, NBDServer
+    from .server.run import serve_until_signalled
+
+    if (memory is None) == (path is None):
+        raise click.UsageError("give exactly one of --memory SIZE or --file PATH")
+    if unix is not None and port is not None:
+        raise click.UsageError("--unix and --port cannot be used together")
+    if path is not None:
+        try:
+            backend: Any = FileBackend(path, size=size, read_only=read_only,
+                                       create=size is not None)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+    else:
+        assert memory is not None
+        backend = MemoryBackend(memory)
+    export = Export(export_name, backend, read_only=read_only, description=description,
+                    min_block=min_block, max_payload=max_payload)
+    server = NBDServer(export, structured=not no_structured, extended=not no_extended,
+                       shuffle_replies=shuffle_replies, seed=seed)
+
+    def announce(uri: str) -> None:
+        print(uri, flush=True)
+
+    try:
+        trio.run(functools.partial(serve_until_signalled, server, unix=unix, bind=bind,
+                                   port=port, announce=announce))
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,310 @@
+"""Storage behind an export: sparse memory, or a (sparse-aware) file.
+
+Both backends answer in *segments*, so the server can send data as OFFSET_DATA chunks and
+unallocated ranges as OFFSET_HOLE chunks without materializing zeroes:
+``read(offset, length)`` returns ``[(offset, length, views or None), ...]`` where ``None``
+is a hole (reads as zeroes) and ``views`` are buffers to send as they are.
+
+- :class:`MemoryBackend` keeps 64 KiB pages in a dict; a missing page is a hole, so
+  allocation is exact at page granularity and block status is real.
+- :class:`FileBackend` uses ``pread``/``pwrite``, finds holes with SEEK_DATA/SEEK_HOLE,
+  punches them with ``fallocate`` (through ctypes: Python's os module has no
+  FALLOC_FL_PUNCH_HOLE) and runs its system calls in a worker thread.
+
+Extents from ``block_status`` are ``(length, flags)`` with base:allocation flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Protocol, Sequence
+
+import trio
+
+from ..protocol.constants import StateFlag
+
+Segment = tuple[int, int, "Sequence[memoryview] | None"]
+HOLE_FLAGS = int(StateFlag.HOLE | StateFlag.ZERO)
+MAX_EXTENTS = 1024  # per block status reply (the spec lets a server return fewer)
+
+
+class FastZeroUnsupported(OSError):
+    """A FAST_ZERO request that could not be done faster than writing zeroes."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOTSUP, "fast zero not possible here")
+
+
+class Backend(Protocol):
+    size: int
+    fast_zero: bool
+
+    async def read(self, offset: int, length: int) -> list[Segment]: ...
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None: ...
+    async def zero(self, offset: int, length: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None: ...
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def cache(self, offset: int, length: int) -> None: ...
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
+
+
+def merge_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join neighbouring extents with equal flags."""
+    merged: list[tuple[int, int]] = []
+    for length, flags in runs:
+        if merged and merged[-1][1] == flags:
+            merged[-1] = (merged[-1][0] + length, flags)
+        else:
+            merged.append((length, flags))
+    return merged
+
+
+class MemoryBackend:
+    """A sparse in-memory disk with allocation tracked per 64 KiB page."""
+
+    PAGE = 64 * 1024
+    fast_zero = True
+
+    def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError("size must not be negative")
+        self.size = size
+        self.pages: dict[int, bytearray] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryBackend size={self.size} allocated_pages={len(self.pages)}>"
+
+    @property
+    def allocated(self) -> int:
+        return len(self.pages) * self.PAGE
+
+    def _spans(self, offset: int, length: int):  # type: ignore[no-untyped-def]
+        """(page index, start in page, end in page, absolute offset) over a range."""
+        end = offset + length
+        page = self.PAGE
+        while offset < end:
+            index, start = divmod(offset, page)
+            stop = min(page, start + end - offset)
+            yield index, start, stop, offset
+            offset += stop - start
+
+    async def read(self, offset: int, length: int) -> list[Segment]:
+        segments: list[Segment] = []
+        for index, start, stop, at in self._spans(offset, length):
+            data = self.pages.get(index)
+            n = stop - start
+            if segments and (segments[-1][2] is None) == (data is None):
+                prev_at, prev_n, views = segments[-1]
+                if views is not None:
+                    assert data is not None
+                    views = [*views, memoryview(data)[start:stop]]
+                segments[-1] = (prev_at, prev_n + n, views)
+            else:
+                segments.append((at, n, None if data is None
+                                 else [memoryview(data)[start:stop]]))
+        return segments
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        for index, start, stop, _ in self._spans(offset, len(view)):
+            page = self.pages.get(index)
+            if page is None:
+                page = self.pages[index] = bytearray(self.PAGE)
+            page[start:stop] = view[pos:pos + stop - start]
+            pos += stop - start
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        for index, start, stop, _ in self._spans(offset, length):
+            page = self.pages.get(index)
+            if start == 0 and stop == self.PAGE and may_trim:
+                self.pages.pop(index, None)
+            elif page is not None:
+                page[start:stop] = bytes(stop - start)
+            elif not may_trim:  # NO_HOLE: the range must end up allocated
+                self.pages[index] = bytearray(self.PAGE)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.zero(offset, length, may_trim=True)
+
+    async def flush(self) -> None:
+        pass
+
+    async def cache(self, offset: int, length: int) -> None:
+        pass
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        runs = [(stop - start, 0 if index in self.pages else HOLE_FLAGS)
+                for index, start, stop, _ in self._spans(offset, length)]
+        return merge_extents(runs)[:MAX_EXTENTS]
+
+    def close(self) -> None:
+        self.pages.clear()
+
+
+# --- files ----------------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Linux fallocate(2); OSError on failure."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class FileBackend:
+    """A file (or block device) with holes found by SEEK_DATA/SEEK_HOLE."""
+
+    def __init__(self, path: str | os.PathLike[str], *, size: int | None = None,
+                 read_only: bool = False, create: bool = False) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+        if size is not None and not read_only and os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.fast_zero = self._probe_punch()
+
+    def __repr__(self) -> str:
+        return f"<FileBackend {self.path!r} size={self.size}>"
+
+    def _probe_punch(self) -> bool:
+        """True if this filesystem can punch holes (so zeroing is fast)."""
+        try:  # punching one byte past the end changes nothing
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, self.size, 1)
+        except OSError:
+            return False
+        return True
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE."""
+        end = offset + length
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                    runs.append((pos, end - pos, False))
+                    break
+                runs.append((pos, end - pos, True))  # no SEEK_DATA here: all data
+                break
+            if data > pos:
+                runs.append((pos, min(data, end) - pos, False))
+                pos = min(data, end)
+                if pos >= end:
+                    break
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            runs.append((pos, hole - pos, True))
+            pos = hole
+        return runs
+
+    def _read_sync(self, offset: int, length: int) -> list[Segment]:
+        segments: list[Segment] = []
+        for at, n, is_data in self._runs(offset, length):
+            if not is_data:
+                segments.append((at, n, None))
+                continue
+            buf = bytearray(n)
+            view = memoryview(buf)
+            got = 0
+            while got < n:
+                k = os.preadv(self.fd, [view[got:]], at + got)
+                if k == 0:  # the file shrank under us: what is missing reads as zeroes
+                    break
+                got += k
+            segments.append((at, n, [view]))
+        return segments
+
+    async def read(self, offset: int, length: int) -> list[Segment]:
+        return await trio.to_thread.run_sync(self._read_sync, offset, length)
+
+    def _write_sync(self, offset: int, data: memoryview, fua: bool) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None:
+        await trio.to_thread.run_sync(self._write_sync, offset,
+                                      memoryview(data).cast("B"), fua)
+
+    def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool,
+                   fua: bool) -> None:
+        modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if may_trim else []
+        modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode, offset, length)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        else:
+            if fast:
+                raise FastZeroUnsupported()
+            zeroes = bytes(min(length, 1 << 20))
+            pos = 0
+            while pos < length:
+                n = min(len(zeroes), length - pos)
+                self._write_sync(offset + pos, memoryview(zeroes)[:n], False)
+                pos += n
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        await trio.to_thread.run_sync(self._zero_sync, offset, length, may_trim, fast, fua)
+
+    def _trim_sync(self, offset: int, length: int, fua: bool) -> None:
+        try:
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:  # trim is only a hint
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await trio.to_thread.run_sync(self._trim_sync, offset, length, fua)
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    async def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def _status_sync(self, offset: int, length: int) -> list[tuple[int, int]]:
+        runs = [(n, 0 if is_data else HOLE_FLAGS) for _, n, is_data in
+                self._runs(offset, length)]
+        return merge_extents(runs)[:MAX_EXTENTS]
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await trio.to_thread.run_sync(self._status_sync, offset, length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

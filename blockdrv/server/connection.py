@@ -1,0 +1,469 @@
+"""One client connection of the embedded server.
+
+Theory of operation
+-------------------
+The handshake runs through the sans-IO :class:`ServerNegotiator`.  Then a reader loop
+takes requests off the stream one at a time (the header, then a WRITE's payload) and
+starts a task for each in the connection's nursery: requests of one connection are
+processed concurrently and their replies leave in the order they finish.  Two limits
+keep a fast or hostile client from making the server buffer without end: a count of
+requests in progress and a budget of WRITE payload bytes held (a ``trio_util.AsyncValue``
+the reader waits on).  When either is full the reader stops reading and TCP flow control
+pushes back on the client.
+
+Replies are written under ``send_lock`` one chunk at a time: chunks of different replies
+may interleave, as the spec allows, but never mix.  With ``shuffle_replies`` each reply
+first waits a random number of scheduler turns and READ replies are cut into several
+chunks sent in random order, so clients' reply hand-off and reassembly get exercised.
+
+Every request is checked the way the spec's "Error values" section asks (unknown command
+or flag, unaligned, out of range, too long, read-only, no meta context) and answered with
+the matching error.  Payloads larger than the spec's denial-of-service bound are a hard
+disconnect; nothing is ever allocated from an unchecked length.
+
+Fault hooks (:mod:`blockdrv.server.faults`) of the export and of the connection are
+consulted only when active.  ``stop()`` (graceful shutdown) stops reading requests and
+lets the ones in progress finish; ``kill()`` shuts the socket down at once, as a crash
+would.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+
+import trio
+from trio_util import AsyncValue
+
+from ..protocol.constants import (
+    ALLOWED_COMMAND_FLAGS,
+    BASE_ALLOCATION,
+    DEFAULT_MAX_PAYLOAD,
+    WRITING_COMMANDS,
+    ChunkType,
+    Command,
+    CommandFlag,
+    errno_to_wire,
+)
+from ..protocol.errors import ProtocolError
+from ..protocol.events import NEED_DATA, ClientAborted, ExportChosen, StartTLS
+from ..protocol.server_negotiate import ServerNegotiator
+from ..protocol.wire import (
+    Request,
+    decode_request,
+    encode_block_status_chunk,
+    encode_chunk_header,
+    encode_data_chunk_header,
+    encode_error_chunk,
+    encode_hole_chunk,
+    encode_none_chunk,
+    encode_simple_reply,
+    request_size,
+)
+from ..transport import Channel, TransportError
+from .backends import FastZeroUnsupported, Segment
+from .export import Export
+from .faults import Faults
+
+if TYPE_CHECKING:
+    from .server import NBDServer
+
+log = logging.getLogger("blockdrv.server")
+
+Buffers = list["bytes | bytearray | memoryview"]
+Chunk = Buffers  # the buffers of one chunk (or simple reply), sent together
+
+PAYLOAD_BUDGET = 256 * 1024 * 1024
+_RANGELESS = (Command.FLUSH, Command.DISC)
+_LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
+
+
+class _Dropped(Exception):
+    """Internal: a fault hook cut the connection."""
+
+
+class _Failure(Exception):
+    """Internal: answer the current request with this host errno."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ServerConnection:
+    """The server side of one client connection (see the module docstring)."""
+
+    def __init__(self, server: NBDServer, stream: trio.abc.Stream, peer: str = "") -> None:
+        self.server = server
+        self.channel = Channel(stream)
+        self.peer = peer
+        self.faults = Faults(seed=server.rng.randrange(1 << 32))
+        self.export: Export | None = None
+        self.structured = self.extended = False
+        self.contexts: dict[int, str] = {}
+        self.requests = 0
+        self.send_lock = trio.Lock()
+        self._rng = random.Random(server.rng.randrange(1 << 32))
+        self._scope = trio.CancelScope()  # the whole connection
+        self._reading = trio.CancelScope()  # the request reader only
+        self._payload_bytes = AsyncValue(0)
+        self._handlers: dict[Command, Callable[[Request, bytearray | None],
+                                               Awaitable[list[Chunk] | None]]] = {
+            Command.READ: self._read,
+            Command.WRITE: self._write,
+            Command.FLUSH: self._flush,
+            Command.TRIM: self._trim,
+            Command.CACHE: self._cache,
+            Command.WRITE_ZEROES: self._zero,
+            Command.BLOCK_STATUS: self._block_status,
+        }
+
+    def __repr__(self) -> str:
+        name = self.export.name if self.export else None
+        return f"<ServerConnection {self.peer} export={name!r} requests={self.requests}>"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful: stop reading requests, finish those in progress, then close."""
+        if self.export is None:
+            self._scope.cancel()  # still in the handshake: nothing to finish
+        self._reading.cancel()
+
+    def kill(self) -> None:
+        """Abrupt: shut the socket down now, as if the server crashed."""
+        self.channel.shutdown()
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves, breaks the rules, or we stop."""
+        try:
+            with self._scope:
+                chosen = await self._handshake()
+                if chosen is not None:
+                    await self._transmission(chosen)
+        except* (TransportError, ProtocolError, _Dropped) as group:
+            for exc in group.exceptions:
+                log.debug("connection %s ended: %s", self.peer, exc)
+        finally:
+            await self.channel.aclose()
+
+    # --- handshake ----------------------------------------------------------------------
+
+    async def _handshake(self) -> ExportChosen | None:
+        server = self.server
+        neg = ServerNegotiator({e.name: e.offer() for e in server.exports.values()},
+                               structured=server.structured, extended=server.extended,
+                               allow_list=server.allow_list,
+                               default_export=server.default_export)
+        while True:
+            try:
+                event = neg.next_event()
+            finally:
+                out = neg.data_to_send()
+                if out:
+                    await self.channel.send(out)
+            if event is NEED_DATA:
+                neg.receive_data(await self.channel.receive_some())
+            elif isinstance(event, ExportChosen):
+                self.channel.unread(neg.leftover())
+                return event
+            elif isinstance(event, ClientAborted):
+                return None
+            elif isinstance(event, StartTLS):
+                raise ProtocolError("TLS is not configured")  # see the TLS issue
+
+    # --- transmission -------------------------------------------------------------------
+
+    async def _transmission(self, chosen: ExportChosen) -> None:
+        self.export = export = self.server.exports[chosen.name]
+        self.structured, self.extended = chosen.structured, chosen.extended
+        self.contexts = chosen.contexts
+        header_size = request_size(self.extended)
+        in_progress = trio.Semaphore(self.server.max_requests)
+        async with trio.open_nursery() as nursery:
+            with self._reading:
+                while True:
+                    await in_progress.acquire()
+                    await self._wait_stall()
+                    header = await self.channel.receive_exactly(header_size)
+                    request = decode_request(header, extended=self.extended)
+                    payload = None
+                    if request.command == Command.WRITE:
+                        payload = await self._receive_payload(request.length)
+                    self.requests += 1
+                    for faults in (export.faults, self.faults):
+                        if faults.active and faults.request_arrived():
+                            self.channel.shutdown()
+                            raise _Dropped("fault hook: connection dropped after a request")
+                    if request.command == Command.DISC:
+                        break
+                    nursery.start_soon(self._serve, request, payload, in_progress)
+
+    async def _receive_payload(self, length: int) -> bytearray:
+        assert self.export is not None
+        if length > max(self.export.max_payload, DEFAULT_MAX_PAYLOAD):
+            raise ProtocolError(f"write payload of {length} bytes is too large")
+        budget = self._payload_bytes
+        await budget.wait_value(lambda held: held == 0 or held + length <= PAYLOAD_BUDGET)
+        budget.value += length
+        payload = bytearray(length)
+        await self.channel.receive_into(memoryview(payload))
+        return payload
+
+    async def _wait_stall(self) -> None:
+        assert self.export is not None
+        for faults in (self.export.faults, self.faults):
+            if faults.active:
+                await faults.wait_stall()
+
+    async def _serve(self, request: Request, payload: bytearray | None,
+                     in_progress: trio.Semaphore) -> None:
+        self.server.requests_in_progress.value += 1
+        try:
+            try:
+                chunks = await self._execute(request, payload)
+            except _Failure as failure:
+                chunks = [self._error_chunk(request, failure.code, failure.message)]
+            if chunks is None:
+                chunks = [self._ok_chunk(request)]
+            await self._send_reply(request, chunks)
+            self.server.requests_served += 1
+        finally:
+            self.server.requests_in_progress.value -= 1
+            in_progress.release()
+            if payload is not None:
+                self._payload_bytes.value -= len(payload)
+
+    async def _execute(self, request: Request,
+                       payload: bytearray | None) -> list[Chunk] | None:
+        export = self.export
+        assert export is not None
+        command = self._check(request)
+        for faults in (export.faults, self.faults):
+            if faults.active:
+                delay = faults.delay_for(command)
+                if delay:
+                    await trio.sleep(delay)
+                code = faults.failure_for(command, request.offset, request.length)
+                if code is not None:
+                    raise _Failure(code, "injected fault")
+                if command in (Command.WRITE, Command.WRITE_ZEROES) and faults.lose_write():
+                    return None
+        try:
+            return await self._handlers[command](request, payload)
+        except FastZeroUnsupported:
+            raise _Failure(errno.ENOTSUP, "fast zero is not possible here") from None
+        except OSError as exc:
+            raise _Failure(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+
+    def _check(self, request: Request) -> Command:
+        """The spec's checks on a request; raises _Failure with the errno to send."""
+        export = self.export
+        assert export is not None
+        try:
+            command = Command(request.command)
+            allowed = ALLOWED_COMMAND_FLAGS[command]
+        except (ValueError, KeyError):
+            raise _Failure(errno.EINVAL, f"unknown command {request.command}") from None
+        flags, offset, length = request.flags, request.offset, request.length
+        if flags & ~allowed:
+            raise _Failure(errno.EINVAL, "flag not valid for this command")
+        if flags & CommandFlag.DF and not self.structured:
+            raise _Failure(errno.EINVAL, "DF needs structured replies")
+        if command in WRITING_COMMANDS and export.read_only:
+            raise _Failure(errno.EPERM, "the export is read-only")
+        if command == Command.BLOCK_STATUS and not self.contexts:
+            raise _Failure(errno.EINVAL, "no meta context was negotiated")
+        if command == Command.BLOCK_STATUS and not length:
+            raise _Failure(errno.EINVAL, "block status of an empty range")
+        if command in _RANGELESS:
+            return command
+        if offset + length > export.size:
+            code = errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) \
+                else errno.EINVAL
+            raise _Failure(code, "request beyond the end of the export")
+        if offset % export.min_block or length % export.min_block:
+            raise _Failure(errno.EINVAL, "request not aligned to the minimum block size")
+        limited = command in _LENGTH_LIMITED or (
+            command == Command.WRITE_ZEROES and not flags & CommandFlag.FAST_ZERO)
+        if limited and length > export.max_payload:
+            raise _Failure(errno.EINVAL, "request longer than the maximum block size")
+        return command
+
+    # --- commands (each returns the reply's chunks, or None for a plain success) -----------
+
+    async def _read(self, request: Request, payload: bytearray | None) -> list[Chunk]:
+        assert self.export is not None
+        segments = await self.export.backend.read(request.offset, request.length)
+        cookie, extended = request.cookie, self.extended
+        if not self.structured or request.flags & CommandFlag.DF:
+            data = _flatten(segments)
+            if not self.structured:
+                return [[encode_simple_reply(cookie), *data]]
+            n = sum(len(b) for b in data)
+            if not n:
+                return [[encode_none_chunk(cookie, extended=extended)]]
+            return [[encode_data_chunk_header(cookie, request.offset, n, done=True,
+                                              extended=extended), *data]]
+        if self.server.shuffle_replies:
+            segments = _split(segments, self._rng)
+            self._rng.shuffle(segments)
+        chunks: list[Chunk] = []
+        for at, n, views in segments:
+            if views is None:
+                chunks.append([encode_hole_chunk(cookie, at, n, done=False,
+                                                 extended=extended)])
+            else:
+                chunks.append([encode_data_chunk_header(cookie, at, n, done=False,
+                                                        extended=extended), *views])
+        chunks.append([encode_none_chunk(cookie, extended=extended)])
+        return chunks
+
+    async def _write(self, request: Request, payload: bytearray | None) -> None:
+        assert self.export is not None and payload is not None
+        await self.export.backend.write(request.offset, payload,
+                                        fua=bool(request.flags & CommandFlag.FUA))
+
+    async def _flush(self, request: Request, payload: bytearray | None) -> None:
+        assert self.export is not None
+        await self.export.backend.flush()
+
+    async def _trim(self, request: Request, payload: bytearray | None) -> None:
+        assert self.export is not None
+        await self.export.backend.trim(request.offset, request.length,
+                                       fua=bool(request.flags & CommandFlag.FUA))
+
+    async def _cache(self, request: Request, payload: bytearray | None) -> None:
+        assert self.export is not None
+        await self.export.backend.cache(request.offset, request.length)
+
+    async def _zero(self, request: Request, payload: bytearray | None) -> None:
+        assert self.export is not None
+        flags = request.flags
+        await self.export.backend.zero(request.offset, request.length,
+                                       may_trim=not flags & CommandFlag.NO_HOLE,
+                                       fast=bool(flags & CommandFlag.FAST_ZERO),
+                                       fua=bool(flags & CommandFlag.FUA))
+
+    async def _block_status(self, request: Request,
+                            payload: bytearray | None) -> list[Chunk]:
+        assert self.export is not None
+        export = self.export
+        extents = await export.backend.block_status(request.offset, request.length)
+        if export.min_block > 1:
+            extents = _coarsen(extents, export.min_block)
+        if request.flags & CommandFlag.REQ_ONE:
+            extents = extents[:1]
+        chunks: list[Chunk] = []
+        for context_id, name in self.contexts.items():
+            status = extents if name == BASE_ALLOCATION else [(request.length, 0)]
+            chunks.append([encode_block_status_chunk(request.cookie, context_id, status,
+                                                     done=False, extended=self.extended)])
+        chunks.append([encode_none_chunk(request.cookie, extended=self.extended)])
+        return chunks
+
+    # --- replies --------------------------------------------------------------------
+
+    def _ok_chunk(self, request: Request) -> Chunk:
+        if self.extended:
+            return [encode_none_chunk(request.cookie, extended=True)]
+        return [encode_simple_reply(request.cookie)]
+
+    def _error_chunk(self, request: Request, code: int, message: str) -> Chunk:
+        wire = errno_to_wire(code)
+        if self.structured:
+            return [encode_error_chunk(request.cookie, wire, message,
+                                       extended=self.extended)]
+        return [encode_simple_reply(request.cookie, wire)]
+
+    async def _send_reply(self, request: Request, chunks: list[Chunk]) -> None:
+        export = self.export
+        assert export is not None
+        if self.server.shuffle_replies:
+            for _ in range(self._rng.randrange(8)):
+                await trio.lowlevel.checkpoint()
+        for faults in (export.faults, self.faults):
+            if faults.active:
+                kind = faults.malform()
+                if kind is not None:
+                    chunks = _malform(chunks, kind, request, self.extended)
+                cut = faults.reply_cut()
+                if cut is not None:
+                    await self._send_cut(chunks, cut)
+        for chunk in chunks:
+            await self._wait_stall()
+            async with self.send_lock:
+                await self.channel.send(*chunk)
+
+    async def _send_cut(self, chunks: list[Chunk], cut: int) -> None:
+        data = b"".join(bytes(b) for chunk in chunks for b in chunk)
+        async with self.send_lock:
+            await self.channel.send(data[:cut])
+            self.channel.shutdown()
+        raise _Dropped(f"fault hook: reply cut after {cut} bytes")
+
+
+def _flatten(segments: list[Segment]) -> Buffers:
+    """The buffers of a read with holes filled in as zeroes."""
+    out: Buffers = []
+    for _, n, views in segments:
+        out.extend(views if views is not None else [bytes(n)])
+    return out
+
+
+def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
+    """Cut segments into smaller ones at random points (for shuffled replies)."""
+    out: list[Segment] = []
+    for at, n, views in segments:
+        if n < 2 or rng.random() < 0.5:
+            out.append((at, n, views))
+            continue
+        cut = rng.randrange(1, n)
+        if views is None:
+            out += [(at, cut, None), (at + cut, n - cut, None)]
+        else:
+            flat = memoryview(b"".join(bytes(v) for v in views))
+            out += [(at, cut, [flat[:cut]]), (at + cut, n - cut, [flat[cut:]])]
+    return out
+
+
+def _coarsen(extents: Sequence[tuple[int, int]], block: int) -> list[tuple[int, int]]:
+    """Round extents to multiples of ``block``; a block with any data counts as data."""
+    out: list[tuple[int, int]] = []
+    pos = carry = 0
+    carry_flags = -1
+    for length, flags in extents:
+        end = pos + length
+        while pos < end:
+            take = min(end - pos, block - carry)
+            carry_flags = flags if carry_flags < 0 else carry_flags & flags
+            carry += take
+            pos += take
+            if carry == block:
+                if out and out[-1][1] == carry_flags:
+                    out[-1] = (out[-1][0] + block, carry_flags)
+                else:
+                    out.append((block, carry_flags))
+                carry, carry_flags = 0, -1
+    if carry:
+        out.append((carry, carry_flags))
+    return out
+
+
+def _malform(chunks: list[Chunk], kind: str, request: Request,
+             extended: bool) -> list[Chunk]:
+    """Corrupt the first chunk's header as the fault hook asks."""
+    first = bytearray(bytes(chunks[0][0]))
+    if kind == "bad-magic":
+        first[0:4] = b"\xde\xad\xbe\xef"
+    elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header
+        first[8:16] = (request.cookie ^ 0x5A5A_0000_0000_0000).to_bytes(8, "big")
+    else:  # oversized-length: a chunk claiming far more payload than any cap allows
+        header = encode_chunk_header(request.cookie, ChunkType.OFFSET_DATA, 0xFFFFFFF0,
+                                     done=True, extended=extended)
+        return [[header]]
+    return [[bytes(first), *chunks[0][1:]], *chunks[1:]]

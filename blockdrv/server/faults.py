@@ -1,0 +1,241 @@
+"""Fault hooks of the embedded server: the programmatic API of fault injection.
+
+A :class:`Faults` object hangs off every export and every connection; the server
+consults both for each request.  Every hook is off by default and :attr:`Faults.active`
+stays False until one is set, so the server's fast path costs one attribute test.
+Hooks can be set and cleared while the server runs (trio is single-threaded, so a change
+takes effect for the next request or reply).
+
+=====================  ================================================================
+hook                   effect
+=====================  ================================================================
+``delay``              a command kind waits ``seconds`` before it is executed
+``fail``               matching requests fail with an errno: every Nth, at a rate (seeded
+                       RNG), in a byte range, optionally only ``times`` times
+``drop_after``         the connection is cut right after the Nth next request arrives
+                       (its payload included), before it is answered
+``drop_in_reply``      the Nth next reply is cut after ``byte_offset`` bytes
+``stall``              stop reading and writing for ``seconds`` from now
+``malformed_reply``    the next (or every Nth) reply has a bad magic, an unknown cookie
+                       or an oversized length
+``lose_writes``        writes are acknowledged but not stored (at a rate)
+=====================  ================================================================
+
+Counters in :attr:`Faults.injected` say how many faults of each kind were injected.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+
+from ..protocol.constants import Command
+
+MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
+
+
+def command_of(value: Command | int | str) -> Command:
+    """A Command from an enum, a number, or a name like "read" or "write-zeroes"."""
+    if isinstance(value, str):
+        try:
+            return Command[value.upper().replace("-", "_")]
+        except KeyError:
+            raise ValueError(f"unknown command {value!r}") from None
+    return Command(value)
+
+
+@dataclass(eq=False)
+class FailRule:
+    """Fail requests that match with ``errno``."""
+
+    commands: frozenset[Command] | None = None  # None: every command
+    errno: int = _errno.EIO
+    every: int = 1  # fail every Nth matching request
+    rate: float = 1.0  # ... with this probability
+    byte_range: tuple[int, int] | None = None  # (offset, length) the request must touch
+    times: int | None = None  # stop after failing this many
+    seen: int = 0
+    failed: int = 0
+
+    def matches(self, command: Command, offset: int, length: int) -> bool:
+        if self.commands is not None and command not in self.commands:
+            return False
+        if self.byte_range is not None:
+            start, n = self.byte_range
+            if offset >= start + n or offset + max(length, 1) <= start:
+                return False
+        return self.times is None or self.failed < self.times
+
+
+@dataclass(eq=False)
+class Faults:
+    """The fault hooks of one export or connection (see the module docstring)."""
+
+    seed: int | None = None
+    active: bool = False
+    delays: dict[Command, float] = field(default_factory=dict)
+    rules: list[FailRule] = field(default_factory=list)
+    drop_countdown: int | None = None
+    cut_countdown: int | None = None
+    cut_at: int = 0
+    stall_until: float | None = None
+    malformed_kind: str | None = None
+    malformed_every: int = 0
+    malformed_countdown: int = 0
+    lose_rate: float = 0.0
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def _update(self) -> None:
+        self.active = bool(self.delays or self.rules or self.drop_countdown is not None
+                           or self.cut_countdown is not None or self.stall_until is not None
+                           or self.malformed_kind or self.lose_rate)
+
+    # --- configuration -----------------------------------------------------------------
+
+    def delay(self, command: Command | int | str, seconds: float) -> None:
+        """Delay every request of ``command`` by ``seconds`` (0 removes the delay)."""
+        cmd = command_of(command)
+        if seconds > 0:
+            self.delays[cmd] = seconds
+        else:
+            self.delays.pop(cmd, None)
+        self._update()
+
+    def fail(self, commands: object = None, *, errno: int = _errno.EIO, every: int = 1,
+             rate: float = 1.0, byte_range: tuple[int, int] | None = None,
+             times: int | None = None) -> FailRule:
+        """Add a failure rule; returns it so it can be removed with :meth:`remove`."""
+        if isinstance(commands, (str, int, Command)):
+            commands = [commands]
+        chosen = None if commands is None else frozenset(command_of(c) for c in commands)  # type: ignore[attr-defined]
+        if every < 1 or not 0 <= rate <= 1:
+            raise ValueError("every must be >= 1 and rate within [0, 1]")
+        rule = FailRule(chosen, errno, every, rate, byte_range, times)
+        self.rules.append(rule)
+        self._update()
+        return rule
+
+    def remove(self, rule: FailRule) -> None:
+        self.rules.remove(rule)
+        self._update()
+
+    def drop_after(self, requests: int) -> None:
+        """Cut the connection right after the ``requests``-th next request arrives."""
+        self.drop_countdown = requests
+        self._update()
+
+    def drop_in_reply(self, byte_offset: int, *, reply: int = 1) -> None:
+        """Cut the connection ``byte_offset`` bytes into the ``reply``-th next reply."""
+        self.cut_countdown, self.cut_at = reply, byte_offset
+        self._update()
+
+    def stall(self, seconds: float) -> None:
+        """Stop reading and writing for ``seconds``, starting now."""
+        self.stall_until = trio.current_time() + seconds
+        self.injected["stall"] += 1
+        self._update()
+
+    def malformed_reply(self, kind: str, *, every: int = 0) -> None:
+        """Corrupt the next reply (``every=0``) or every Nth reply."""
+        if kind not in MALFORMED_KINDS:
+            raise ValueError(f"malformed reply kind must be one of {MALFORMED_KINDS}")
+        self.malformed_kind, self.malformed_every = kind, every
+        self.malformed_countdown = max(every, 1)
+        self._update()
+
+    def lose_writes(self, rate: float = 1.0) -> None:
+        """Acknowledge writes without storing them, with probability ``rate``."""
+        self.lose_rate = rate
+        self._update()
+
+    def clear(self) -> None:
+        """Turn every hook off (counters are kept)."""
+        self.delays.clear()
+        self.rules.clear()
+        self.drop_countdown = self.cut_countdown = self.stall_until = None
+        self.malformed_kind = None
+        self.lose_rate = 0.0
+        self._update()
+
+    # --- decisions (called by the server for each request or reply) -------------------
+
+    def delay_for(self, command: Command) -> float:
+        seconds = self.delays.get(command, 0.0)
+        if seconds:
+            self.injected["delay"] += 1
+        return seconds
+
+    def failure_for(self, command: Command, offset: int, length: int) -> int | None:
+        for rule in self.rules:
+            if rule.matches(command, offset, length):
+                rule.seen += 1
+                if rule.seen % rule.every == 0 and (rule.rate >= 1
+                                                    or self.rng.random() < rule.rate):
+                    rule.failed += 1
+                    self.injected["error"] += 1
+                    return rule.errno
+        return None
+
+    def request_arrived(self) -> bool:
+        """Count a request; True when the connection must be cut now."""
+        if self.drop_countdown is None:
+            return False
+        self.drop_countdown -= 1
+        if self.drop_countdown > 0:
+            return False
+        self.drop_countdown = None
+        self.injected["drop"] += 1
+        self._update()
+        return True
+
+    def reply_cut(self) -> int | None:
+        """Byte offset at which to cut this reply, or None."""
+        if self.cut_countdown is None:
+            return None
+        self.cut_countdown -= 1
+        if self.cut_countdown > 0:
+            return None
+        self.cut_countdown = None
+        self.injected["drop-in-reply"] += 1
+        self._update()
+        return self.cut_at
+
+    async def wait_stall(self) -> None:
+        """Sleep while a stall is in force."""
+        until = self.stall_until
+        if until is None:
+            return
+        if trio.current_time() < until:
+            await trio.sleep_until(until)
+        if self.stall_until == until:
+            self.stall_until = None
+            self._update()
+
+    def malform(self) -> str | None:
+        """The corruption to apply to this reply, or None."""
+        if not self.malformed_kind:
+            return None
+        self.malformed_countdown -= 1
+        if self.malformed_countdown > 0:
+            return None
+        kind = self.malformed_kind
+        if self.malformed_every:
+            self.malformed_countdown = self.malformed_every
+        else:
+            self.malformed_kind = None
+            self._update()
+        self.injected["malformed"] += 1
+        return kind
+
+    def lose_write(self) -> bool:
+        if self.lose_rate and (self.lose_rate >= 1 or self.rng.random() < self.lose_rate):
+            self.injected["lost-write"] += 1
+            return True
+        return False

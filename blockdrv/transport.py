@@ -1,0 +1,289 @@
+"""Byte transport for NBD over trio: connect, tune sockets, read exactly, send scatter-gather.
+
+Theory of operation
+-------------------
+:class:`Channel` wraps one trio stream and gives the NBD layers the three operations
+they need, with as few copies and checkpoints as trio allows:
+
+- ``receive_exactly(n)`` for small headers: served from a read-ahead buffer, refilled
+  with one ``recv_into`` of up to ``read_ahead`` bytes, so a header, a chunk offset and a
+  small payload usually cost one system call;
+- ``receive_into(view)`` for payloads: drains the read-ahead buffer first, then reads
+  straight into the caller's buffer (``recv_into``), so a large READ lands in place;
+- ``send(*buffers)``: header and payload in one scatter-gather ``sendmsg`` (the payload
+  is never copied into a bigger buffer).
+
+Over a plain socket stream (TCP or Unix) the channel uses the trio socket directly; over
+any other stream (TLS, test memory streams) it falls back to ``receive_some`` and
+``send_all``.  Callers serialize readers and writers themselves (the driver's
+``receive_mutex`` and ``send_mutex``); a channel allows one reader and one writer at a
+time, concurrently.
+
+Failures of the byte stream (EOF, reset, a closed or shut-down socket) all surface as
+:class:`TransportError`.  An operation interrupted part-way (cancelled after some bytes
+moved) leaves the stream out of step, so the channel marks itself ``broken``.
+``shutdown()`` is synchronous and makes every blocked read or write fail at once, which
+is how the driver stops all I/O on a connection it has given up on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as _stdlib_socket
+
+import trio
+
+from .protocol.uri import NBDAddress
+
+DEFAULT_READ_AHEAD = 64 * 1024
+
+
+class TransportError(ConnectionError):
+    """The byte stream failed: EOF, reset, shut down or closed."""
+
+
+def tune_socket(sock: trio.socket.SocketType | _stdlib_socket.socket, *,
+                buffer_size: int | None = None, keepalive: bool = True) -> None:
+    """TCP_NODELAY (TCP), SO_KEEPALIVE and optional SO_SNDBUF/SO_RCVBUF on a socket."""
+    if sock.family in (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6):
+        sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
+    if buffer_size:
+        sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_SNDBUF, buffer_size)
+        sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_RCVBUF, buffer_size)
+
+
+async def open_stream(address: NBDAddress, *,
+                      socket_buffer_size: int | None = None) -> trio.SocketStream:
+    """Connect to an NBD address (TCP or Unix) and tune the socket.
+
+    Raises OSError with the address in its message when the connection fails.
+    """
+    try:
+        if address.transport == "unix":
+            assert address.socket is not None
+            stream = await trio.open_unix_socket(address.socket)
+        else:
+            assert address.host is not None and address.port is not None
+            stream = await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        code = exc.errno if exc.errno is not None else errno.ECONNREFUSED
+        raise OSError(code, f"cannot connect to {address.display}: {reason}") from exc
+    tune_socket(stream.socket, buffer_size=socket_buffer_size)
+    return stream
+
+
+def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+class Channel:
+    """One connection's stream with buffered header reads and zero-copy payloads."""
+
+    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken",
+                 "bytes_received", "bytes_sent")
+
+    def __init__(self, stream: trio.abc.Stream, *,
+                 read_ahead: int = DEFAULT_READ_AHEAD) -> None:
+        self.stream = stream
+        self._sock = _raw_socket(stream)
+        self._buffer = bytearray(read_ahead)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self.broken = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else "ok"
+        return f"<Channel {state} buffered={self.buffered}>"
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read ahead and not yet consumed."""
+        return self._end - self._start
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the read-ahead buffer (read by someone else)."""
+        if not data:
+            return
+        pending = bytes(self._view[self._start:self._end])
+        whole = data + pending
+        if len(whole) > len(self._buffer):
+            self._buffer = bytearray(len(whole))
+            self._view = memoryview(self._buffer)
+        self._view[:len(whole)] = whole
+        self._start, self._end = 0, len(whole)
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the read-ahead bytes (e.g. before a TLS upgrade)."""
+        data = bytes(self._view[self._start:self._end])
+        self._start = self._end = 0
+        return data
+
+    # --- receiving ------------------------------------------------------------------
+
+    async def _recv_into(self, view: memoryview) -> int:
+        """One read into ``view``; returns the count, raises TransportError on EOF."""
+        try:
+            if self._sock is not None:
+                n = await self._sock.recv_into(view, len(view))
+            else:
+                data = await self.stream.receive_some(len(view))
+                n = len(data)
+                view[:n] = data
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.broken = True
+            raise TransportError(f"connection failed: {exc}") from exc
+        if n == 0:
+            self.broken = True
+            raise TransportError("connection closed by the peer")
+        self.bytes_received += n
+        return n
+
+    async def receive_some(self, max_bytes: int = DEFAULT_READ_AHEAD) -> bytes:
+        """Whatever is buffered, or one read of up to ``max_bytes`` (handshake use)."""
+        if self.buffered:
+            n = min(self.buffered, max_bytes)
+            data = bytes(self._view[self._start:self._start + n])
+            self._start += n
+            return data
+        size = min(max_bytes, len(self._buffer))
+        n = await self._recv_into(self._view[:size])
+        return bytes(self._view[:n])
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (n at most the read-ahead size); for headers."""
+        if self._end - self._start < n:
+            await self._fill(n)
+        start = self._start
+        self._start = start + n
+        return bytes(self._view[start:start + n])
+
+    async def _fill(self, n: int) -> None:
+        if n > len(self._buffer):
+            raise ValueError(f"cannot buffer {n} bytes")
+        if self._start:  # move the partial message to the front
+            pending = self._end - self._start
+            self._view[:pending] = self._view[self._start:self._end]
+            self._start, self._end = 0, pending
+        try:
+            while self._end < n:
+                self._end += await self._recv_into(self._view[self._end:])
+        except BaseException:
+            if self._end:  # part of a message was consumed from the stream
+                self.broken = True
+            raise
+
+    async def receive_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly: buffered bytes first, then straight from the stream."""
+        total = len(view)
+        have = min(self._end - self._start, total)
+        if have:
+            view[:have] = self._view[self._start:self._start + have]
+            self._start += have
+        pos = have
+        try:
+            while pos < total:
+                pos += await self._recv_into(view[pos:])
+        except BaseException:
+            self.broken = True  # a payload was read in part: the stream is out of step
+            raise
+
+    async def discard(self, n: int) -> None:
+        """Read and drop ``n`` bytes, through the bounded read-ahead buffer."""
+        while n:
+            have = min(self._end - self._start, n)
+            self._start += have
+            n -= have
+            if n:
+                self._start = self._end = 0
+                try:
+                    self._end = await self._recv_into(self._view[:min(n, len(self._buffer))])
+                except BaseException:
+                    self.broken = True
+                    raise
+
+    # --- sending --------------------------------------------------------------------
+
+    async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """Send every buffer, in order, as one scatter-gather write where possible."""
+        sent_any = False
+        try:
+            if self._sock is not None:
+                views: list[memoryview] = [memoryview(b).cast("B") for b in buffers if len(b)]
+                while views:
+                    n = await self._sock.sendmsg(views)
+                    sent_any = True
+                    self.bytes_sent += n
+                    views = _advance(views, n)
+            else:
+                for b in buffers:
+                    if len(b):
+                        await self.stream.send_all(b)
+                        sent_any = True
+                        self.bytes_sent += len(b)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.broken = True
+            raise TransportError(f"connection failed: {exc}") from exc
+        except BaseException:
+            if sent_any:
+                self.broken = True  # part of a message went out: the stream is out of step
+            raise
+
+    # --- ending ---------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Make every blocked and future read or write fail now (synchronous)."""
+        self.broken = True
+        sock = self._sock
+        if sock is None:
+            inner = getattr(self.stream, "transport_stream", None)
+            sock = _raw_socket(inner) if inner is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(_stdlib_socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        # Test streams (trio.testing memory/lockstep streams) close synchronously.
+        for part in (self.stream, getattr(self.stream, "send_stream", None),
+                     getattr(self.stream, "receive_stream", None)):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop ``n`` sent bytes from the front of a list of views."""
+    while n:
+        first = views[0]
+        if n >= len(first):
+            n -= len(first)
+            views.pop(0)
+        else:
+            views[0] = first[n:]
+            n = 0
+    return views
+
+
+def socket_address_of(sock: trio.socket.SocketType | _stdlib_socket.socket) -> str:
+    """host:port or the Unix path a listening socket is bound to (for messages)."""
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host = name[0]
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+    if isinstance(name, bytes):
+        return os.fsdecode(name)
+    return str(name)
