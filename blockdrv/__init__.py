@@ -4,6 +4,7 @@ See README.md for the overview and DESIGN.md (in the project's shared folder) fo
 architecture.  The public names are re-exported here.
 """
 
+from .nbd import ConnectError, DeviceStatistics, Extent, NBDDevice, State, open_nbd
 from .protocol.errors import (
     ConnectionLostError,
     InvalidArgumentError,
@@ -19,7 +20,13 @@ from .protocol.uri import NBDAddress, parse_uri
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConnectError",
     "ConnectionLostError",
+    "DeviceStatistics",
+    "Extent",
+    "NBDDevice",
+    "State",
+    "open_nbd",
     "ExportEntry",
     "ExportInfo",
     "InvalidArgumentError",

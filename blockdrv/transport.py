@@ -158,26 +158,49 @@ class Channel:
 
     async def receive_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes (n at most the read-ahead size); for headers."""
+        view = await self.peek(n)
+        data = bytes(view)
+        self._start += n
+        return data
+
+    async def peek(self, n: int) -> memoryview:
+        """The next ``n`` bytes, buffered but not consumed (see :meth:`consume`).
+
+        Cancellation-safe: bytes already read stay in the buffer, so a cancelled peek
+        loses nothing.  The view is valid until the next read from this channel.
+        """
         if self._end - self._start < n:
             await self._fill(n)
-        start = self._start
-        self._start = start + n
-        return bytes(self._view[start:start + n])
+        return self._view[self._start:self._start + n]
+
+    def consume(self, n: int) -> None:
+        """Drop ``n`` peeked bytes."""
+        assert n <= self._end - self._start
+        self._start += n
 
     async def _fill(self, n: int) -> None:
         if n > len(self._buffer):
             raise ValueError(f"cannot buffer {n} bytes")
-        if self._start:  # move the partial message to the front
+        if len(self._buffer) - self._start < n:  # move the partial message to the front
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start:self._end]
             self._start, self._end = 0, pending
-        try:
-            while self._end < n:
-                self._end += await self._recv_into(self._view[self._end:])
-        except BaseException:
-            if self._end:  # part of a message was consumed from the stream
-                self.broken = True
-            raise
+        while self._end - self._start < n:
+            self._end += await self._recv_into(self._view[self._end:])
+
+    async def receive_some_into(self, view: memoryview) -> int:
+        """Fill some of ``view``: buffered bytes first, else one read; returns the count.
+
+        Looping over this keeps the position with the caller, so a cancelled payload
+        read can be resumed without losing bytes.
+        """
+        have = self._end - self._start
+        if have:
+            n = min(have, len(view))
+            view[:n] = self._view[self._start:self._start + n]
+            self._start += n
+            return n
+        return await self._recv_into(view)
 
     async def receive_into(self, view: memoryview) -> None:
         """Fill ``view`` exactly: buffered bytes first, then straight from the stream."""

@@ -1,0 +1,934 @@
+"""The NBD client driver: request tasks that send and receive for themselves.
+
+Theory of operation
+-------------------
+This is DESIGN.md section 3, i.e. qemu's block/nbd.c after "block/nbd: drop
+connection_co", in trio.  trio is single-threaded, so code between two ``await``\\ s is
+atomic and qemu's ``requests_lock`` is implicit: every state change below is plain
+synchronous code.
+
+*No connection task.*  Nothing reads the socket unless a request is waiting for a reply;
+a dead idle server is noticed by the next request.  The connection worker
+(:class:`~blockdrv.nbd.connection.ClientConnection`) only connects and negotiates.
+
+*States* (:mod:`blockdrv.nbd.states`): a transport failure while CONNECTED goes to
+CONNECTING_WAIT (``reconnect_delay > 0``) or CONNECTING_NOWAIT, and the socket is shut
+down so every blocked read and write fails at once.  The reconnect-delay timer (its own
+task, started at the failure, removed when the state leaves CONNECTING_WAIT) and
+``cancel_in_flight()`` move WAIT to NOWAIT and release a request waiting on the worker.
+A protocol violation, or close, is QUIT for good.
+
+*Admission* (qemu ``nbd_co_send_request``).  A request is admitted when CONNECTED with
+fewer than ``max_in_flight`` admitted, or when not connected and nobody else is admitted;
+in the second case it performs the reconnect attempt itself: it waits for the worker in
+WAIT and only takes a finished connection in NOWAIT.  Waiters park in a ParkingLot; every
+exit from admission wakes the next one, and every state change wakes all.
+
+*Sending.*  The request takes a free slot (cookie = slot index + 1) and sends header and
+payload in one scatter-gather write under ``send_mutex``; the payload is not copied and
+stays referenced until the reply (it is sent again after a reconnect).  A send cancelled
+part-way leaves the stream out of step: that is a transport failure.
+
+*Receiving* (qemu ``nbd_receive_replies``).  ``_current`` is the reply header being
+consumed.  A request waiting for its reply: if ``_current`` is its own, it consumes that
+chunk; if it belongs to someone else (or someone is reading a header), it sleeps; if
+there is none, it takes ``receive_mutex`` and reads the next header, checks the cookie
+against live slots (unknown: protocol violation), makes it current and wakes its owner.
+The owner reads the chunk's payload (READ data straight into the caller's buffer) and
+then clears ``_current`` and wakes exactly one sleeper, who becomes the next reader.
+
+*Retry rule* (qemu iotest 277).  A request loops ``send; receive`` while it fails with a
+transport error and the state is CONNECTING_WAIT, so it is sent again, in full, on the
+new connection.  Server error replies are returned, never retried, except ESHUTDOWN,
+which is the server announcing it is going away: the driver disconnects softly and
+treats it as a transport failure.
+
+*Cancellation.*  A request cancelled before it is sent just leaves.  Once sent, a chunk
+is always consumed whole (its payload read runs shielded), and a cancelled request keeps
+reading its own reply, discarding it, under a shield bounded by ``cancel_timeout``; if the
+reply does not come in that time the connection is declared broken.  So cancellation
+never desynchronizes the stream and never leaves a reply that nobody reads.
+
+*Drained sections* wait until no request is in flight (counted from entry to
+completion, reconnect waits included); new requests wait at the door; nothing is
+cancelled.  During an outage a drain therefore lasts at most ``reconnect_delay``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Sequence
+
+import trio
+from trio_util import AsyncValue
+
+from ..protocol.constants import (
+    BASE_ALLOCATION,
+    ChunkType,
+    Command,
+    CommandFlag,
+    OptionReply,
+    is_error_chunk,
+)
+from ..protocol.errors import (
+    ConnectionLostError,
+    InvalidArgumentError,
+    NBDError,
+    OptionError,
+    ProtocolError,
+    UnsupportedError,
+)
+from ..protocol.export import ExportInfo, check_request
+from ..protocol.replies import ReplyState
+from ..protocol.uri import NBDAddress
+from ..protocol.wire import (
+    ReplyHeader,
+    decode_block_status,
+    decode_error,
+    decode_hole,
+    decode_offset,
+    decode_reply_header,
+    encode_request,
+    reply_header_size,
+)
+from ..transport import Channel, TransportError
+from .connection import ClientConnection
+from .handshake import HandshakeOptions, StreamFactory, connect_export
+from .states import Event, State, next_state
+
+log = logging.getLogger("blockdrv.nbd")
+
+_ZEROES = bytes(1 << 20)
+_DISCARD = bytearray(1 << 16)
+
+
+class _TransportFailure(Exception):
+    """Internal: this attempt of a request failed with the connection."""
+
+
+class ConnectError(ConnectionLostError):
+    """The device could not be opened: no connection could be made or negotiated."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of the export with the same status flags (block status)."""
+
+    offset: int
+    length: int
+    flags: int
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter((self.offset, self.length, self.flags))
+
+
+@dataclass(frozen=True)
+class DeviceStatistics:
+    """A snapshot of what a device has done (see :meth:`NBDDevice.statistics`)."""
+
+    state: State
+    requests: int
+    bytes_read: int
+    bytes_written: int
+    in_flight: int
+    reconnects: int
+    retried: int
+    connect_attempts: int
+    reconnect_delay_expired: int
+    reconnect_timer_armed: bool
+
+
+class _Slot:
+    """One request in flight on the current connection."""
+
+    __slots__ = ("cookie", "epoch", "wire", "reply", "buffer", "wake", "receiving",
+                 "extents")
+
+    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, reply: ReplyState,
+                 buffer: memoryview | None) -> None:
+        self.cookie = cookie
+        self.epoch = epoch
+        self.wire = wire  # the negotiation of the connection it was sent on
+        self.reply = reply
+        self.buffer = buffer  # READ destination; None: discard the data
+        self.wake: trio.Event | None = None
+        self.receiving = False  # sleeping until its reply is current
+        self.extents: dict[int, list[tuple[int, int]]] = {}
+
+
+class NBDDevice:
+    """A network block device. Create it with :func:`open_nbd`.
+
+    I/O methods follow libnbd and ``os.pread``: :meth:`pread`, :meth:`pread_into`,
+    :meth:`pwrite`, :meth:`zero`, :meth:`trim`, :meth:`flush`, :meth:`cache`,
+    :meth:`block_status`.  A write's buffer must stay unchanged until the call returns:
+    after a reconnect it is sent again (``guard_writes=True`` detects a change).
+    """
+
+    def __init__(self, address: NBDAddress, options: HandshakeOptions,
+                 nursery: trio.Nursery, *, reconnect_delay: float = 0.0,
+                 max_in_flight: int = 16, retry_initial: float = 1.0,
+                 retry_max: float = 16.0, socket_buffer_size: int | None = None,
+                 guard_writes: bool = False, stream_factory: StreamFactory | None = None,
+                 connect_timeout: float = 30.0, cancel_timeout: float = 5.0) -> None:
+        if reconnect_delay < 0:
+            raise ValueError("reconnect_delay must not be negative")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.address = address
+        self.options = options
+        self.reconnect_delay = reconnect_delay
+        self.max_in_flight = max_in_flight
+        self.guard_writes = guard_writes
+        self.cancel_timeout = cancel_timeout
+        self._nursery = nursery
+        self._stream_factory = stream_factory
+        self._socket_buffer_size = socket_buffer_size
+
+        self.send_mutex = trio.Lock()
+        self.receive_mutex = trio.Lock()
+        self.in_flight = AsyncValue(0)  # requests from entry to completion (drains wait)
+        self._state = AsyncValue(State.CONNECTING_NOWAIT)
+        self._drains = AsyncValue(0)
+        self._admission = trio.lowlevel.ParkingLot()
+        self._admitted = 0  # qemu's s->in_flight: admitted attempts
+        self._slots: list[_Slot | None] = [None] * max_in_flight
+        self._next_slot = 0
+        self._current: ReplyHeader | None = None
+        self._channel: Channel | None = None
+        self._wire: ExportInfo | None = None  # this connection's negotiation
+        self._info: ExportInfo | None = None  # the first connection's (what users see)
+        self._epoch = 0
+        self._fatal: NBDError | None = None
+        self._delay_timer: trio.CancelScope | None = None
+        self._closing = False
+        self._stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "reconnects": 0,
+                       "retried": 0, "delay_expired": 0}
+        self._worker: ClientConnection[tuple[Channel, ExportInfo]] = ClientConnection(
+            self._connect, nursery, close_result=self._close_connection,
+            retry_initial=retry_initial, retry_max=retry_max,
+            attempt_timeout=connect_timeout)
+
+    def __repr__(self) -> str:
+        return (f"<NBDDevice {self.address} state={self.state.value} "
+                f"in_flight={self.in_flight.value}>")
+
+    # --- public properties ---------------------------------------------------------------
+
+    @property
+    def info(self) -> ExportInfo:
+        """The export as negotiated on the first connection."""
+        if self._info is None:
+            raise RuntimeError("the device is not open")
+        return self._info
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def state(self) -> State:
+        return self._state.value  # type: ignore[no-any-return]
+
+    async def wait_state(self, *states: State) -> State:
+        """Wait until the device is in one of ``states``; returns it."""
+        return await self._state.wait_value(lambda s: s in states)  # type: ignore[no-any-return]
+
+    def statistics(self) -> DeviceStatistics:
+        s = self._stats
+        return DeviceStatistics(
+            state=self.state, requests=s["requests"], bytes_read=s["bytes_read"],
+            bytes_written=s["bytes_written"], in_flight=self.in_flight.value,
+            reconnects=s["reconnects"], retried=s["retried"],
+            connect_attempts=self._worker.attempts,
+            reconnect_delay_expired=s["delay_expired"],
+            reconnect_timer_armed=self._delay_timer is not None)
+
+    # --- opening and closing ---------------------------------------------------------
+
+    async def _connect(self) -> tuple[Channel, ExportInfo]:
+        return await connect_export(self.address, self.options,
+                                    stream_factory=self._stream_factory,
+                                    socket_buffer_size=self._socket_buffer_size)
+
+    @staticmethod
+    async def _close_connection(result: tuple[Channel, ExportInfo]) -> None:
+        await result[0].aclose()
+
+    async def _open(self, open_timeout: float) -> None:
+        """First connection: one attempt, or retries for up to ``open_timeout`` s."""
+        worker = self._worker
+        worker.retry = open_timeout > 0
+        worker.retry_if = _transient
+        result = None
+        with trio.move_on_after(open_timeout) if open_timeout > 0 else nullcontext():
+            result = await worker.get(blocking=True)
+        if result is None:
+            await worker.close()
+            cause = worker.error
+            if isinstance(cause, NBDError) and not isinstance(cause, ConnectionLostError):
+                raise cause  # a refusal or a protocol error: as the server said it
+            within = f" within {open_timeout:g}s" if open_timeout > 0 else ""
+            code = getattr(cause, "errno", None) or errno.ECONNREFUSED
+            raise ConnectError(f"cannot open {self.address}{within}: {_describe(cause)}",
+                               errno=code) from cause
+        worker.retry = True
+        worker.retry_if = lambda exc: True
+        channel, info = result
+        self._info = info
+        self._install(channel, info)
+
+    async def aclose(self) -> None:
+        """Wait for requests in flight, disconnect, and stop the background tasks."""
+        if self._closing:
+            return
+        self._closing = True
+        self._drains.value += 1  # no new requests from now on
+        with trio.move_on_after(self.reconnect_delay + self.cancel_timeout + 1):
+            await self.in_flight.wait_value(0)
+        channel = self._channel
+        if channel is not None and self.state is State.CONNECTED and not channel.broken:
+            assert self._wire is not None
+            with trio.move_on_after(1):
+                try:
+                    async with self.send_mutex:
+                        await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
+                                                          extended=self._wire.extended))
+                except TransportError:
+                    pass
+        self._fail(Event.CLOSE, ConnectionLostError("the device is closed",
+                                                    errno=errno.EBADF))
+        await self._worker.close()
+        if channel is not None:
+            await channel.aclose()
+        self._drains.value -= 1
+
+    # --- state ------------------------------------------------------------------------
+
+    def _transition(self, event: Event) -> None:
+        old = self._state.value
+        new = next_state(old, event, reconnect_delay=self.reconnect_delay)
+        if new is old:
+            return
+        self._state.value = new
+        if old is State.CONNECTING_WAIT and self._delay_timer is not None:
+            self._delay_timer.cancel()  # the timer never outlives CONNECTING_WAIT
+            self._delay_timer = None
+        if new is State.CONNECTING_WAIT:
+            self._start_delay_timer()
+        self._admission.unpark_all()
+
+    def _start_delay_timer(self) -> None:
+        scope = trio.CancelScope()
+        self._delay_timer = scope
+        self._nursery.start_soon(self._delay_timer_task, scope, name="nbd-reconnect-delay")
+
+    async def _delay_timer_task(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(self.reconnect_delay)
+            if self._delay_timer is scope:
+                self._delay_timer = None
+                self._stats["delay_expired"] += 1
+                self._transition(Event.DELAY_EXPIRED)
+                self._worker.cancel_wait()
+
+    def _install(self, channel: Channel, info: ExportInfo) -> None:
+        self._channel, self._wire = channel, info
+        self._epoch += 1
+        self._current = None
+        self._transition(Event.CONNECTED)
+
+    def _channel_failed(self, epoch: int, why: object) -> None:
+        """A transport failure on the connection of ``epoch`` (idempotent)."""
+        if epoch != self._epoch or self.state is not State.CONNECTED:
+            return
+        log.info("connection to %s lost: %s", self.address.display, why)
+        self._current = None
+        if self._channel is not None:
+            self._channel.shutdown()
+        self._transition(Event.TRANSPORT_FAILURE)
+        self._wake_all_receivers()
+
+    def _fail(self, event: Event, error: NBDError) -> None:
+        """Go to QUIT for good: every request from now on fails with ``error``."""
+        if self._fatal is None:
+            self._fatal = error
+        self._current = None
+        if self._channel is not None:
+            self._channel.shutdown()
+        self._transition(event)
+        self._worker.cancel_wait()
+        self._wake_all_receivers()
+
+    def _protocol_violation(self, exc: ProtocolError) -> ProtocolError:
+        self._fail(Event.PROTOCOL_VIOLATION, ProtocolError(
+            f"connection to {self.address.display} closed after a protocol violation: "
+            f"{exc.strerror}"))
+        return exc
+
+    def _quit_error(self) -> NBDError:
+        assert self._fatal is not None
+        error = self._fatal
+        return type(error)(str(error.strerror), errno=error.errno)
+
+    def cancel_in_flight(self) -> None:
+        """Fail requests waiting for a reconnect now instead of after reconnect_delay."""
+        self._transition(Event.CANCEL_IN_FLIGHT)
+        self._admission.unpark_all()
+        self._worker.cancel_wait()
+
+    # --- drained sections ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """Quiesce: no new requests start, and every request in flight has finished.
+
+        Requests that arrive meanwhile wait and run after the section; nothing is
+        cancelled or failed.  Drains nest.  Do not issue I/O on this device inside its
+        own drained section (it would wait for the section to end).
+        """
+        self._drains.value += 1
+        try:
+            await self.in_flight.wait_value(0)
+            yield
+        finally:
+            self._drains.value -= 1
+
+    # --- admission --------------------------------------------------------------------
+
+    def _admissible(self) -> bool:
+        state = self._state.value
+        if state is State.CONNECTED:
+            return self._admitted < self.max_in_flight
+        return self._admitted == 0 or state is State.QUIT
+
+    async def _admit(self) -> None:
+        while not self._admissible():
+            try:
+                await self._admission.park()
+            except BaseException:
+                self._admission.unpark()  # pass on a wake-up this task may have used
+                raise
+        if self.state is State.QUIT:
+            raise self._quit_error()
+        self._admitted += 1
+
+    def _release(self) -> None:
+        self._admitted -= 1
+        self._admission.unpark()
+
+    async def _reconnect_attempt(self) -> None:
+        """Run by the only admitted request while not connected (qemu semantics)."""
+        assert self._admitted == 1
+        if self._channel is not None:
+            old, self._channel = self._channel, None
+            await old.aclose()
+        blocking = self.state is State.CONNECTING_WAIT
+        try:
+            result = await self._worker.get(blocking=blocking)
+        finally:
+            self._admission.unpark_all()
+        if result is None or not self.state.connecting:
+            if result is not None:
+                await result[0].aclose()
+            return
+        channel, info = result
+        problem = self._incompatibility(info)
+        if problem is not None:
+            await channel.aclose()
+            self._fail(Event.PROTOCOL_VIOLATION, ConnectionLostError(
+                f"server at {self.address.display} came back with an incompatible export: "
+                f"{problem}", errno=errno.ENODEV))
+            return
+        self._stats["reconnects"] += 1
+        log.info("reconnected to %s", self.address.display)
+        self._install(channel, info)
+
+    def _incompatibility(self, new: ExportInfo) -> str | None:
+        old = self.info
+        if new.size != old.size:
+            return f"size changed from {old.size} to {new.size}"
+        for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+                     "can_df", "can_cache"):
+            if getattr(old, flag) and not getattr(new, flag):
+                return f"{flag} is no longer offered"
+        if new.is_read_only and not old.is_read_only:
+            return "the export became read-only"
+        if old.structured and not new.structured:
+            return "structured replies are no longer offered"
+        missing = set(old.contexts) - set(new.contexts)
+        if missing:
+            return f"meta contexts {sorted(missing)} are no longer offered"
+        if new.min_block > old.min_block or new.max_payload < old.max_payload:
+            return "block size constraints became stricter"
+        if new.tls != old.tls:
+            return "TLS use changed"
+        return None
+
+    # --- one request ------------------------------------------------------------------
+
+    async def _request(self, command: Command, offset: int, length: int, flags: int = 0,
+                       *, payload: memoryview | None = None,
+                       buffer: memoryview | None = None) -> _Slot:
+        """Run one request to completion with the retry rule; returns its slot."""
+        if self._drains.value:
+            await self._drains.wait_value(0)
+        if self._closing or self.state is State.QUIT:
+            raise self._quit_error() if self._fatal else ConnectionLostError(
+                "the device is closed", errno=errno.EBADF)
+        self.in_flight.value += 1
+        self._stats["requests"] += 1
+        digest = None
+        if payload is not None and self.guard_writes:
+            digest = hashlib.blake2b(payload, digest_size=16).digest()
+        try:
+            while True:
+                try:
+                    slot = await self._send_request(command, offset, length, flags, payload,
+                                                    buffer, digest)
+                    await self._receive_reply(slot)
+                    return slot
+                except _TransportFailure as failure:
+                    if self.state is State.CONNECTING_WAIT:
+                        self._stats["retried"] += 1
+                        continue
+                    if self._fatal is not None:
+                        raise self._quit_error() from None
+                    raise ConnectionLostError(
+                        f"{command.name} {offset}+{length} failed: lost the connection to "
+                        f"{self.address.display} ({failure})") from None
+        finally:
+            self.in_flight.value -= 1
+
+    def _free_slot(self) -> int:
+        """A free slot, taken round-robin so a cookie is not reused at once (a late
+        duplicate reply then hits a free slot and is caught as a protocol violation)."""
+        slots, n = self._slots, len(self._slots)
+        for step in range(n):
+            index = (self._next_slot + step) % n
+            if slots[index] is None:
+                self._next_slot = index + 1
+                return index
+        raise AssertionError("admitted without a free slot")
+
+    async def _send_request(self, command: Command, offset: int, length: int, flags: int,
+                            payload: memoryview | None, buffer: memoryview | None,
+                            digest: bytes | None = None) -> _Slot:
+        await self._admit()
+        slot = None
+        try:
+            if self.state is not State.CONNECTED:
+                await self._reconnect_attempt()
+                if not self._connected():
+                    raise _TransportFailure(_describe(self._worker.error)
+                                            if self._worker.error else "no connection")
+            wire, channel, epoch = self._wire, self._channel, self._epoch
+            assert wire is not None and channel is not None
+            index = self._free_slot()
+            reply = ReplyState(command, offset, length, flags, structured=wire.structured,
+                               extended=wire.extended,
+                               context_ids=frozenset(wire.contexts.values()))
+            slot = self._slots[index] = _Slot(index + 1, epoch, wire, reply, buffer)
+            header = encode_request(command, flags, slot.cookie, offset, length,
+                                    extended=wire.extended)
+            async with self.send_mutex:
+                if epoch != self._epoch or self.state is not State.CONNECTED:
+                    raise _TransportFailure("connection lost before sending")
+                if digest is not None and payload is not None:
+                    _check_unchanged(payload, digest)
+                try:
+                    if payload is None:
+                        await channel.send(header)
+                    else:
+                        await channel.send(header, payload)
+                except TransportError as exc:
+                    self._channel_failed(epoch, exc)
+                    raise _TransportFailure(str(exc)) from None
+                except BaseException:
+                    if channel.broken:  # cancelled part-way: the stream is out of step
+                        self._channel_failed(epoch, "a send was cancelled part-way")
+                    raise
+            return slot
+        except BaseException:
+            if slot is not None:
+                self._slots[slot.cookie - 1] = None
+            self._release()
+            raise
+
+    # --- receiving --------------------------------------------------------------------
+
+    async def _receive_reply(self, slot: _Slot) -> None:
+        """Receive the whole reply of ``slot``; frees the slot whatever happens."""
+        try:
+            try:
+                await self._receive_chunks(slot)
+            except trio.Cancelled:
+                # Keep the stream in step: read our own reply to the end, discarding it.
+                slot.buffer = None
+                with trio.CancelScope(shield=True) as shield:
+                    shield.deadline = trio.current_time() + self.cancel_timeout
+                    try:
+                        await self._receive_chunks(slot)
+                    except (_TransportFailure, NBDError):
+                        pass
+                if shield.cancelled_caught:
+                    self._channel_failed(slot.epoch, "the reply of a cancelled request did "
+                                                     "not arrive in time")
+                raise
+        finally:
+            self._slots[slot.cookie - 1] = None
+            self._release()
+        error = slot.reply.finish()
+        if error is not None:
+            if error.errno == errno.ESHUTDOWN:
+                await self._soft_disconnect(slot.epoch)
+                raise _TransportFailure("the server is shutting down")
+            raise error
+
+    async def _receive_chunks(self, slot: _Slot) -> None:
+        reply = slot.reply
+        while not reply.done:
+            header = await self._wait_for_reply(slot)
+            try:
+                with trio.CancelScope(shield=True):  # a chunk is always consumed whole
+                    await self._consume_chunk(slot, header)
+            except TransportError as exc:
+                self._channel_failed(slot.epoch, exc)
+                raise _TransportFailure(str(exc)) from None
+            except ProtocolError as exc:
+                raise self._protocol_violation(exc) from None
+            self._current = None
+            self._wake_one_receiver()
+
+    def _connected(self) -> bool:
+        return self._state.value is State.CONNECTED
+
+    def _check_alive(self, slot: _Slot) -> None:
+        if self.state is State.QUIT:
+            raise self._quit_error()
+        if slot.epoch != self._epoch or self.state is not State.CONNECTED:
+            raise _TransportFailure("connection lost while waiting for the reply")
+
+    async def _wait_for_reply(self, slot: _Slot) -> ReplyHeader:
+        """Until the current reply is ``slot``'s, reading headers for others as needed."""
+        while True:
+            self._check_alive(slot)
+            current = self._current
+            if current is not None:
+                if current.cookie == slot.cookie:
+                    return current
+                await self._sleep(slot)  # someone else's reply is being consumed
+                continue
+            if self.receive_mutex.locked():
+                await self._sleep(slot)  # someone is reading the next header
+                continue
+            async with self.receive_mutex:
+                self._check_alive(slot)
+                if self._current is not None:
+                    continue
+                try:
+                    header = await self._read_header(slot.epoch)
+                except BaseException:
+                    self._wake_one_receiver()  # somebody else must read the stream now
+                    raise
+                owner = self._owner(header)
+                self._current = header
+                if owner is not slot:
+                    self._wake(owner)
+
+    async def _read_header(self, epoch: int) -> ReplyHeader:
+        channel, wire = self._channel, self._wire
+        assert channel is not None and wire is not None
+        try:
+            head = await channel.peek(4)  # cancellation-safe: nothing is consumed yet
+            size = reply_header_size(head, structured=wire.structured,
+                                     extended=wire.extended)
+            header = decode_reply_header(await channel.peek(size))
+            channel.consume(size)
+            return header
+        except TransportError as exc:
+            self._channel_failed(epoch, exc)
+            raise _TransportFailure(str(exc)) from None
+        except ProtocolError as exc:
+            raise self._protocol_violation(exc) from None
+
+    def _owner(self, header: ReplyHeader) -> _Slot:
+        index = header.cookie - 1
+        if 0 <= index < len(self._slots):
+            owner = self._slots[index]
+            if owner is not None and owner.epoch == self._epoch:
+                return owner
+        raise self._protocol_violation(ProtocolError(
+            f"server replied with unknown cookie {header.cookie}"))
+
+    async def _sleep(self, slot: _Slot) -> None:
+        slot.wake = trio.Event()
+        slot.receiving = True
+        try:
+            await slot.wake.wait()
+        finally:
+            slot.receiving = False
+
+    @staticmethod
+    def _wake(slot: _Slot) -> None:
+        if slot.receiving and slot.wake is not None:
+            slot.receiving = False
+            slot.wake.set()
+
+    def _wake_one_receiver(self) -> None:
+        for slot in self._slots:
+            if slot is not None and slot.receiving:
+                self._wake(slot)
+                return
+
+    def _wake_all_receivers(self) -> None:
+        for slot in self._slots:
+            if slot is not None:
+                self._wake(slot)
+
+    async def _consume_chunk(self, slot: _Slot, header: ReplyHeader) -> None:
+        """Read one chunk's payload (shielded by the caller) and update the reply."""
+        reply, channel = slot.reply, self._channel
+        assert channel is not None
+        if header.simple:
+            if reply.simple(header.error):
+                await self._read_data(slot, 0, reply.length)
+            return
+        reply.chunk(header)
+        kind = header.type
+        if kind == ChunkType.OFFSET_DATA:
+            offset = decode_offset(await channel.peek(8))
+            channel.consume(8)
+            size = header.length - 8
+            await self._read_data(slot, reply.data(offset, size), size)
+        elif kind != ChunkType.NONE:
+            payload = await self._read_payload(header.length)
+            if kind == ChunkType.OFFSET_HOLE:
+                offset, size = decode_hole(payload)
+                pos = reply.hole(offset, size)
+                if slot.buffer is not None:
+                    _fill_zeroes(slot.buffer[pos:pos + size])
+            elif kind in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
+                context_id, extents = decode_block_status(payload,
+                                                          extended=reply.extended)
+                reply.block_status(context_id, extents)
+                slot.extents[context_id] = extents
+            elif is_error_chunk(kind):
+                reply.error_chunk(*decode_error(payload, kind))
+
+    async def _read_data(self, slot: _Slot, pos: int, size: int) -> None:
+        channel = self._channel
+        assert channel is not None
+        if slot.buffer is None:
+            await channel.discard(size)
+            return
+        view = slot.buffer[pos:pos + size]
+        done = 0
+        while done < size:
+            done += await channel.receive_some_into(view[done:])
+        self._stats["bytes_read"] += size
+
+    async def _read_payload(self, length: int) -> bytes:
+        channel = self._channel
+        assert channel is not None
+        if length <= 4096:
+            return await channel.receive_exactly(length)
+        payload = bytearray(length)
+        await channel.receive_into(memoryview(payload))
+        return bytes(payload)
+
+    async def _soft_disconnect(self, epoch: int) -> None:
+        """The server said ESHUTDOWN: send NBD_CMD_DISC, then treat it as a disconnect."""
+        channel, wire = self._channel, self._wire
+        if channel is not None and wire is not None and epoch == self._epoch:
+            with trio.move_on_after(1):
+                try:
+                    async with self.send_mutex:
+                        await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
+                                                          extended=wire.extended))
+                except TransportError:
+                    pass
+        self._channel_failed(epoch, "server is shutting down (ESHUTDOWN)")
+
+    # --- the public I/O methods --------------------------------------------------------
+
+    def _pieces(self, command: Command, offset: int, count: int,
+                flags: int = 0) -> list[tuple[int, int]]:
+        """(offset, length) pieces of a request, checked, each within the server's limit."""
+        if count < 0 or offset < 0:
+            raise InvalidArgumentError(f"{command.name}: negative offset or count")
+        info = self.info
+        limit = info.max_length(command, flags)
+        pieces = [(offset + pos, min(limit, count - pos)) for pos in range(0, count, limit)]
+        for at, n in pieces or [(offset, 0)]:
+            check_request(info, command, at, n, flags)
+        return pieces
+
+    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf``."""
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise InvalidArgumentError("pread_into needs a writable buffer")
+        await self._read_pieces(view, self._pieces(Command.READ, offset, len(view)))
+
+    async def pread(self, count: int, offset: int) -> bytes:
+        """Read ``count`` bytes at ``offset``."""
+        pieces = self._pieces(Command.READ, offset, count)  # check before allocating
+        buf = bytearray(count)
+        await self._read_pieces(memoryview(buf), pieces)
+        return bytes(buf)
+
+    async def _read_pieces(self, view: memoryview, pieces: list[tuple[int, int]]) -> None:
+        pos = 0
+        for at, n in pieces:
+            await self._request(Command.READ, at, n, buffer=view[pos:pos + n])
+            pos += n
+
+    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        """Write ``buf`` at ``offset``. ``buf`` must not change until this returns."""
+        view = memoryview(buf).cast("B")
+        flags = CommandFlag.FUA if fua else 0
+        pos = 0
+        for at, n in self._pieces(Command.WRITE, offset, len(view), flags):
+            await self._request(Command.WRITE, at, n, flags, payload=view[pos:pos + n])
+            self._stats["bytes_written"] += n
+            pos += n
+
+    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        """Write zeroes; ``may_trim=False`` keeps the range allocated (NO_HOLE);
+        ``fast=True`` fails with ENOTSUP unless the server can do it faster than a write."""
+        flags = ((0 if may_trim else CommandFlag.NO_HOLE)
+                 | (CommandFlag.FAST_ZERO if fast else 0) | (CommandFlag.FUA if fua else 0))
+        for at, n in self._pieces(Command.WRITE_ZEROES, offset, count, flags):
+            await self._request(Command.WRITE_ZEROES, at, n, flags)
+
+    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
+        """Discard a range (a hint: its contents become unspecified)."""
+        flags = CommandFlag.FUA if fua else 0
+        for at, n in self._pieces(Command.TRIM, offset, count, flags):
+            await self._request(Command.TRIM, at, n, flags)
+
+    async def flush(self) -> None:
+        """Make every write that has been replied to durable."""
+        check_request(self.info, Command.FLUSH, 0, 0)
+        await self._request(Command.FLUSH, 0, 0)
+
+    async def cache(self, count: int, offset: int) -> None:
+        """Ask the server to prefetch a range."""
+        for at, n in self._pieces(Command.CACHE, offset, count):
+            await self._request(Command.CACHE, at, n)
+
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
+        """Extents of ``context`` covering ``offset .. offset+count``, in order.
+
+        The server may answer with less than asked; this asks again from where it
+        stopped until the whole range is described.
+        """
+        if context not in self.info.contexts:
+            raise UnsupportedError(f"meta context {context!r} was not negotiated "
+                                   f"(have: {sorted(self.info.contexts)})")
+        self._pieces(Command.BLOCK_STATUS, offset, count)
+        end = offset + count
+        extents: list[Extent] = []
+        pos = offset
+        while pos < end:
+            (at, n), *_ = self._pieces(Command.BLOCK_STATUS, pos, end - pos)
+            slot = await self._request(Command.BLOCK_STATUS, at, n)
+            context_id = slot.wire.contexts[context]
+            for length, flags in slot.extents.get(context_id, []):
+                length = min(length, end - pos)
+                if extents and extents[-1].flags == flags:
+                    last = extents[-1]
+                    extents[-1] = Extent(last.offset, last.length + length, flags)
+                else:
+                    extents.append(Extent(pos, length, flags))
+                pos += length
+                if pos >= end:
+                    break
+        return extents
+
+
+def _fill_zeroes(view: memoryview) -> None:
+    for start in range(0, len(view), len(_ZEROES)):
+        n = min(len(_ZEROES), len(view) - start)
+        view[start:start + n] = _ZEROES[:n]
+
+
+def _check_unchanged(payload: memoryview, digest: bytes) -> None:
+    """guard_writes: the payload about to be sent must be what the caller handed over."""
+    if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+        raise InvalidArgumentError("the write buffer changed while the write was in flight; "
+                                   "refusing to send different bytes")
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth retrying while opening: the server may just not be there yet."""
+    if isinstance(exc, OptionError):
+        return exc.reply_type == OptionReply.ERR_SHUTDOWN  # a server going down
+    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ProtocolError)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
+                   reconnect_delay: float = 0.0, open_timeout: float = 0.0,
+                   max_in_flight: int = 16, retry_initial: float = 1.0,
+                   retry_max: float = 16.0, meta_contexts: Sequence[str] = (),
+                   socket_buffer_size: int | None = None, guard_writes: bool = False,
+                   structured: bool = True, extended: bool = True,
+                   connect_timeout: float = 30.0, cancel_timeout: float = 5.0,
+                   stream_factory: StreamFactory | None = None,
+                   ) -> AsyncIterator[NBDDevice]:
+    """Open an NBD export as an :class:`NBDDevice` (async context manager).
+
+    ``target`` is an NBD URI (``nbd://host/export``, ``nbd+unix:///export?socket=PATH``)
+    or a :func:`~blockdrv.parse_uri` result; ``export`` overrides the URI's export name.
+    ``reconnect_delay``: how long requests wait for a reconnect after the connection is
+    lost (0: fail at once while the worker keeps reconnecting in the background).
+    ``open_timeout``: keep trying to connect for that long before giving up (0: one
+    attempt).  ``meta_contexts``: contexts to negotiate besides base:allocation (e.g.
+    ``qemu:dirty-bitmap:NAME``).  ``stream_factory`` replaces the socket connection
+    (tests use trio.testing memory streams).
+    """
+    from ..protocol.uri import parse_uri
+
+    address = parse_uri(target) if isinstance(target, str) else target
+    if export is not None:
+        address = replace(address, export=export)
+    contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
+    options = HandshakeOptions(export=address.export, structured=structured,
+                               extended=extended, meta_contexts=contexts)
+    try:
+        async with trio.open_nursery() as nursery:
+            device = NBDDevice(address, options, nursery, reconnect_delay=reconnect_delay,
+                               max_in_flight=max_in_flight, retry_initial=retry_initial,
+                               retry_max=retry_max, socket_buffer_size=socket_buffer_size,
+                               guard_writes=guard_writes, stream_factory=stream_factory,
+                               connect_timeout=connect_timeout,
+                               cancel_timeout=cancel_timeout)
+            try:
+                await device._open(open_timeout)
+                yield device
+            finally:
+                with trio.CancelScope(shield=True):
+                    await device.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The background tasks never raise, so the group holds the body's exception.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -1,0 +1,109 @@
+"""Connect to an NBD server and run the handshake over a trio stream.
+
+:func:`connect` opens the byte stream (or calls a test's stream factory), wraps it in a
+:class:`~blockdrv.transport.Channel` and drives a
+:class:`~blockdrv.protocol.ClientNegotiator` to its final event.  Whatever goes wrong,
+the stream is closed before the error leaves, and the error says where it happened:
+the address for connection failures, the phase for a server that hangs up mid-handshake.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from ..protocol import (
+    NEED_DATA,
+    ClientNegotiator,
+    ExportInfo,
+    Goal,
+    NBDError,
+    StartTLS,
+    TLSMode,
+)
+from ..protocol.errors import ConnectionLostError
+from ..protocol.uri import NBDAddress
+from ..transport import Channel, TransportError, open_stream
+
+StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+@dataclass(frozen=True)
+class HandshakeOptions:
+    """What the client asks for in every handshake of a device."""
+
+    export: str = ""
+    structured: bool = True
+    extended: bool = True
+    meta_contexts: Sequence[str] = ()
+    tls: TLSMode = TLSMode.OFF
+
+
+async def negotiate(channel: Channel, negotiator: ClientNegotiator) -> object:
+    """Drive ``negotiator`` over ``channel``; returns its final event.
+
+    Bytes that arrived after the handshake are put back into the channel.  On an
+    NBDError the soft-disconnect bytes (NBD_OPT_ABORT) are sent, best effort.
+    """
+    try:
+        while True:
+            event = negotiator.next_event()
+            out = negotiator.data_to_send()
+            if out:
+                await channel.send(out)
+            if event is NEED_DATA:
+                negotiator.receive_data(await channel.receive_some())
+            elif isinstance(event, StartTLS):
+                raise NBDError("TLS upgrade is not available on this channel",
+                               errno=errno.ENOTSUP)
+            else:
+                channel.unread(negotiator.leftover())
+                return event
+    except NBDError:
+        goodbye = negotiator.data_to_send() or negotiator.abort()
+        if goodbye:
+            with trio.move_on_after(1):
+                try:
+                    await channel.send(goodbye)
+                except TransportError:
+                    pass
+        raise
+    except TransportError as exc:
+        raise ConnectionLostError(f"server closed the connection during the handshake "
+                                  f"({negotiator.phase.value} phase): {exc}") from exc
+
+
+async def connect(address: NBDAddress, options: HandshakeOptions, *,
+                  goal: Goal = Goal.GO, stream_factory: StreamFactory | None = None,
+                  socket_buffer_size: int | None = None) -> tuple[Channel, object]:
+    """Open a connection and negotiate; returns the channel and the final event.
+
+    Raises OSError (connect failed: the message names the address), ConnectionLostError
+    (the server hung up during the handshake), OptionError or ProtocolError.
+    """
+    if stream_factory is not None:
+        stream = await stream_factory()
+    else:
+        stream = await open_stream(address, socket_buffer_size=socket_buffer_size)
+    channel = Channel(stream)
+    negotiator = ClientNegotiator(options.export, goal=goal, tls=options.tls,
+                                  structured=options.structured, extended=options.extended,
+                                  meta_contexts=options.meta_contexts)
+    try:
+        event = await negotiate(channel, negotiator)
+    except BaseException:
+        await channel.aclose()
+        raise
+    return channel, event
+
+
+async def connect_export(address: NBDAddress, options: HandshakeOptions, *,
+                         stream_factory: StreamFactory | None = None,
+                         socket_buffer_size: int | None = None) -> tuple[Channel, ExportInfo]:
+    """:func:`connect` for transmission: returns the channel and the export's info."""
+    channel, event = await connect(address, options, stream_factory=stream_factory,
+                                   socket_buffer_size=socket_buffer_size)
+    return channel, event.info  # type: ignore[attr-defined]
