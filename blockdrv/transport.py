@@ -247,8 +247,9 @@ class Channel:
             else:
                 for b in buffers:
                     if len(b):
-                        await self.stream.send_all(b)
+                        # A cancelled send_all may have sent some or all of its data.
                         sent_any = True
+                        await self.stream.send_all(b)
                         self.bytes_sent += len(b)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = True

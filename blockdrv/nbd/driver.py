@@ -43,15 +43,18 @@ new connection.  Server error replies are returned, never retried, except ESHUTD
 which is the server announcing it is going away: the driver disconnects softly and
 treats it as a transport failure.
 
-*Cancellation.*  A request cancelled before it is sent just leaves.  Once sent, a chunk
-is always consumed whole (its payload read runs shielded), and a cancelled request keeps
-reading its own reply, discarding it, under a shield bounded by ``cancel_timeout``; if the
-reply does not come in that time the connection is declared broken.  So cancellation
-never desynchronizes the stream and never leaves a reply that nobody reads.
+*Cancellation.*  A request cancelled before it is sent just leaves.  Reading is
+resumable: headers are peeked (nothing is consumed until a whole header is there) and a
+chunk's progress is kept in its slot, so a cancelled read loses no byte.  Once sent, a
+cancelled request goes on reading its own reply, discarding it, under a shield bounded
+by ``cancel_timeout``; if the reply does not come in that time the connection is
+declared broken.  So cancellation never desynchronizes the stream and never leaves a
+reply that nobody reads.
 
-*Drained sections* wait until no request is in flight (counted from entry to
-completion, reconnect waits included); new requests wait at the door; nothing is
-cancelled.  During an outage a drain therefore lasts at most ``reconnect_delay``.
+*Drained sections* (:class:`~blockdrv.node.BlockNode`) wait until no request is in
+flight through the device (counted from entry to completion, reconnect waits
+included); new requests wait at the door; nothing is cancelled.  During an outage a
+drain therefore lasts at most ``reconnect_delay``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from typing import AsyncIterator, Sequence
 import trio
 from trio_util import AsyncValue
 
+from ..node import BlockNode, Extent
 from ..protocol.constants import (
     BASE_ALLOCATION,
     ChunkType,
@@ -84,7 +88,7 @@ from ..protocol.errors import (
 )
 from ..protocol.export import ExportInfo, check_request
 from ..protocol.replies import ReplyState
-from ..protocol.uri import NBDAddress
+from ..protocol.uri import NBDAddress, parse_uri
 from ..protocol.wire import (
     ReplyHeader,
     decode_block_status,
@@ -95,7 +99,7 @@ from ..protocol.wire import (
     encode_request,
     reply_header_size,
 )
-from ..transport import Channel, TransportError
+from ..transport import DEFAULT_READ_AHEAD, Channel, TransportError
 from .connection import ClientConnection
 from .handshake import HandshakeOptions, StreamFactory, connect_export
 from .states import Event, State, next_state
@@ -103,7 +107,7 @@ from .states import Event, State, next_state
 log = logging.getLogger("blockdrv.nbd")
 
 _ZEROES = bytes(1 << 20)
-_DISCARD = bytearray(1 << 16)
+_SCRATCH = bytearray(1 << 16)  # where discarded READ data goes (never read back)
 
 
 class _TransportFailure(Exception):
@@ -112,18 +116,6 @@ class _TransportFailure(Exception):
 
 class ConnectError(ConnectionLostError):
     """The device could not be opened: no connection could be made or negotiated."""
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A run of the export with the same status flags (block status)."""
-
-    offset: int
-    length: int
-    flags: int
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter((self.offset, self.length, self.flags))
 
 
 @dataclass(frozen=True)
@@ -143,10 +135,15 @@ class DeviceStatistics:
 
 
 class _Slot:
-    """One request in flight on the current connection."""
+    """One request in flight on the current connection, and its progress in the reply.
+
+    The reply is consumed chunk by chunk; the chunk being consumed (``chunk``) and how
+    far its payload got (``kind``, ``at``, ``left``, ``payload``) live here, so a
+    cancelled read picks up exactly where it stopped.
+    """
 
     __slots__ = ("cookie", "epoch", "wire", "reply", "buffer", "wake", "receiving",
-                 "extents")
+                 "extents", "chunk", "kind", "at", "left", "payload")
 
     def __init__(self, cookie: int, epoch: int, wire: ExportInfo, reply: ReplyState,
                  buffer: memoryview | None) -> None:
@@ -158,9 +155,18 @@ class _Slot:
         self.wake: trio.Event | None = None
         self.receiving = False  # sleeping until its reply is current
         self.extents: dict[int, list[tuple[int, int]]] = {}
+        self.chunk: ReplyHeader | None = None  # being consumed right now
+        self.kind = ""  # what is left of it: "offset", "data", "payload", ""
+        self.at = 0  # where the next data byte goes in the buffer
+        self.left = 0  # payload bytes still to read
+        self.payload: bytearray | None = None  # a large non-data payload being filled
+
+    @property
+    def finished(self) -> bool:
+        return self.reply.done and self.chunk is None
 
 
-class NBDDevice:
+class NBDDevice(BlockNode):
     """A network block device. Create it with :func:`open_nbd`.
 
     I/O methods follow libnbd and ``os.pread``: :meth:`pread`, :meth:`pread_into`,
@@ -179,6 +185,7 @@ class NBDDevice:
             raise ValueError("reconnect_delay must not be negative")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        super().__init__()
         self.address = address
         self.options = options
         self.reconnect_delay = reconnect_delay
@@ -191,14 +198,12 @@ class NBDDevice:
 
         self.send_mutex = trio.Lock()
         self.receive_mutex = trio.Lock()
-        self.in_flight = AsyncValue(0)  # requests from entry to completion (drains wait)
         self._state = AsyncValue(State.CONNECTING_NOWAIT)
-        self._drains = AsyncValue(0)
         self._admission = trio.lowlevel.ParkingLot()
         self._admitted = 0  # qemu's s->in_flight: admitted attempts
         self._slots: list[_Slot | None] = [None] * max_in_flight
         self._next_slot = 0
-        self._current: ReplyHeader | None = None
+        self._current: ReplyHeader | None = None  # qemu's s->reply
         self._channel: Channel | None = None
         self._wire: ExportInfo | None = None  # this connection's negotiation
         self._info: ExportInfo | None = None  # the first connection's (what users see)
@@ -206,6 +211,7 @@ class NBDDevice:
         self._fatal: NBDError | None = None
         self._delay_timer: trio.CancelScope | None = None
         self._closing = False
+        self._closed = trio.Event()
         self._stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "reconnects": 0,
                        "retried": 0, "delay_expired": 0}
         self._worker: ClientConnection[tuple[Channel, ExportInfo]] = ClientConnection(
@@ -283,31 +289,48 @@ class NBDDevice:
         self._install(channel, info)
 
     async def aclose(self) -> None:
-        """Wait for requests in flight, disconnect, and stop the background tasks."""
+        """Wait (bounded) for requests in flight, disconnect, stop background tasks.
+
+        Not interrupted by cancellation (every step has its own time bound); calling it
+        again waits for the first call to finish.
+        """
         if self._closing:
+            await self._closed.wait()
             return
         self._closing = True
-        self._drains.value += 1  # no new requests from now on
-        with trio.move_on_after(self.reconnect_delay + self.cancel_timeout + 1):
-            await self.in_flight.wait_value(0)
-        channel = self._channel
-        if channel is not None and self.state is State.CONNECTED and not channel.broken:
-            assert self._wire is not None
-            with trio.move_on_after(1):
-                try:
-                    async with self.send_mutex:
-                        await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
-                                                          extended=self._wire.extended))
-                except TransportError:
-                    pass
-        self._fail(Event.CLOSE, ConnectionLostError("the device is closed",
-                                                    errno=errno.EBADF))
-        await self._worker.close()
-        if channel is not None:
-            await channel.aclose()
-        self._drains.value -= 1
+        with trio.CancelScope(shield=True):
+            self._drains.value += 1  # no new requests from now on
+            try:
+                with trio.move_on_after(self.reconnect_delay + self.cancel_timeout + 1):
+                    await self.in_flight.wait_value(0)
+                channel = self._channel
+                if channel is not None and self._connected() and not channel.broken:
+                    await self._send_disc(channel)
+                self._fail(Event.CLOSE, ConnectionLostError("the device is closed",
+                                                            errno=errno.EBADF))
+                await self._worker.close()
+                if channel is not None:
+                    await channel.aclose()
+            finally:
+                self._drains.value -= 1
+                self._closed.set()
+
+    async def _send_disc(self, channel: Channel) -> None:
+        """NBD_CMD_DISC on ``channel``, best effort, within a second."""
+        wire = self._wire
+        assert wire is not None
+        with trio.move_on_after(1):
+            try:
+                async with self.send_mutex:
+                    await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
+                                                      extended=wire.extended))
+            except TransportError:
+                pass
 
     # --- state ------------------------------------------------------------------------
+
+    def _connected(self) -> bool:
+        return self._state.value is State.CONNECTED
 
     def _transition(self, event: Event) -> None:
         old = self._state.value
@@ -342,16 +365,28 @@ class NBDDevice:
         self._current = None
         self._transition(Event.CONNECTED)
 
-    def _channel_failed(self, epoch: int, why: object) -> None:
-        """A transport failure on the connection of ``epoch`` (idempotent)."""
-        if epoch != self._epoch or self.state is not State.CONNECTED:
+    def _channel_failed(self, epoch: int, why: object, *, soft: bool = False) -> None:
+        """A transport failure on the connection of ``epoch`` (idempotent).
+
+        ``soft``: the server asked to go (ESHUTDOWN): nothing more is sent but an
+        NBD_CMD_DISC, in the background, before the socket is shut down.
+        """
+        if epoch != self._epoch or not self._connected():
             return
         log.info("connection to %s lost: %s", self.address.display, why)
         self._current = None
-        if self._channel is not None:
-            self._channel.shutdown()
+        channel = self._channel
+        if channel is not None:
+            if soft:
+                self._nursery.start_soon(self._soft_close, channel, name="nbd-soft-close")
+            else:
+                channel.shutdown()
         self._transition(Event.TRANSPORT_FAILURE)
         self._wake_all_receivers()
+
+    async def _soft_close(self, channel: Channel) -> None:
+        await self._send_disc(channel)  # after any send in progress, under send_mutex
+        channel.shutdown()
 
     def _fail(self, event: Event, error: NBDError) -> None:
         """Go to QUIT for good: every request from now on fails with ``error``."""
@@ -371,7 +406,8 @@ class NBDDevice:
         return exc
 
     def _quit_error(self) -> NBDError:
-        assert self._fatal is not None
+        if self._fatal is None:
+            return ConnectionLostError("the device is closed", errno=errno.EBADF)
         error = self._fatal
         return type(error)(str(error.strerror), errno=error.errno)
 
@@ -380,23 +416,6 @@ class NBDDevice:
         self._transition(Event.CANCEL_IN_FLIGHT)
         self._admission.unpark_all()
         self._worker.cancel_wait()
-
-    # --- drained sections ------------------------------------------------------------
-
-    @asynccontextmanager
-    async def drained(self) -> AsyncIterator[None]:
-        """Quiesce: no new requests start, and every request in flight has finished.
-
-        Requests that arrive meanwhile wait and run after the section; nothing is
-        cancelled or failed.  Drains nest.  Do not issue I/O on this device inside its
-        own drained section (it would wait for the section to end).
-        """
-        self._drains.value += 1
-        try:
-            await self.in_flight.wait_value(0)
-            yield
-        finally:
-            self._drains.value -= 1
 
     # --- admission --------------------------------------------------------------------
 
@@ -413,7 +432,7 @@ class NBDDevice:
             except BaseException:
                 self._admission.unpark()  # pass on a wake-up this task may have used
                 raise
-        if self.state is State.QUIT:
+        if self._fatal is not None:
             raise self._quit_error()
         self._admitted += 1
 
@@ -460,6 +479,8 @@ class NBDDevice:
             return "the export became read-only"
         if old.structured and not new.structured:
             return "structured replies are no longer offered"
+        if old.extended and not new.extended:
+            return "extended headers are no longer offered"
         missing = set(old.contexts) - set(new.contexts)
         if missing:
             return f"meta contexts {sorted(missing)} are no longer offered"
@@ -475,34 +496,30 @@ class NBDDevice:
                        *, payload: memoryview | None = None,
                        buffer: memoryview | None = None) -> _Slot:
         """Run one request to completion with the retry rule; returns its slot."""
-        if self._drains.value:
-            await self._drains.wait_value(0)
-        if self._closing or self.state is State.QUIT:
-            raise self._quit_error() if self._fatal else ConnectionLostError(
-                "the device is closed", errno=errno.EBADF)
-        self.in_flight.value += 1
+        if self._closing or self._fatal is not None:
+            raise self._quit_error()
         self._stats["requests"] += 1
         digest = None
         if payload is not None and self.guard_writes:
             digest = hashlib.blake2b(payload, digest_size=16).digest()
-        try:
-            while True:
-                try:
-                    slot = await self._send_request(command, offset, length, flags, payload,
-                                                    buffer, digest)
-                    await self._receive_reply(slot)
-                    return slot
-                except _TransportFailure as failure:
-                    if self.state is State.CONNECTING_WAIT:
-                        self._stats["retried"] += 1
-                        continue
-                    if self._fatal is not None:
-                        raise self._quit_error() from None
-                    raise ConnectionLostError(
-                        f"{command.name} {offset}+{length} failed: lost the connection to "
-                        f"{self.address.display} ({failure})") from None
-        finally:
-            self.in_flight.value -= 1
+        while True:
+            epoch = self._epoch
+            try:
+                slot = await self._send_request(command, offset, length, flags, payload,
+                                                buffer, digest)
+                epoch = slot.epoch
+                await self._receive_reply(slot)
+                return slot
+            except _TransportFailure as failure:
+                if self.state is State.CONNECTING_WAIT or (
+                        self._connected() and self._epoch != epoch):
+                    self._stats["retried"] += 1  # reconnecting, or already reconnected
+                    continue
+                if self._fatal is not None:
+                    raise self._quit_error() from None
+                raise ConnectionLostError(
+                    f"{command.name} {offset}+{length} failed: lost the connection to "
+                    f"{self.address.display} ({failure})") from None
 
     def _free_slot(self) -> int:
         """A free slot, taken round-robin so a cookie is not reused at once (a late
@@ -517,11 +534,11 @@ class NBDDevice:
 
     async def _send_request(self, command: Command, offset: int, length: int, flags: int,
                             payload: memoryview | None, buffer: memoryview | None,
-                            digest: bytes | None = None) -> _Slot:
+                            digest: bytes | None) -> _Slot:
         await self._admit()
         slot = None
         try:
-            if self.state is not State.CONNECTED:
+            if not self._connected():
                 await self._reconnect_attempt()
                 if not self._connected():
                     raise _TransportFailure(_describe(self._worker.error)
@@ -536,7 +553,7 @@ class NBDDevice:
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
             async with self.send_mutex:
-                if epoch != self._epoch or self.state is not State.CONNECTED:
+                if epoch != self._epoch or not self._connected() or channel.broken:
                     raise _TransportFailure("connection lost before sending")
                 if digest is not None and payload is not None:
                     _check_unchanged(payload, digest)
@@ -562,40 +579,51 @@ class NBDDevice:
     # --- receiving --------------------------------------------------------------------
 
     async def _receive_reply(self, slot: _Slot) -> None:
-        """Receive the whole reply of ``slot``; frees the slot whatever happens."""
+        """Receive the whole reply of ``slot``; the slot is freed whatever happens."""
         try:
             try:
                 await self._receive_chunks(slot)
             except trio.Cancelled:
-                # Keep the stream in step: read our own reply to the end, discarding it.
-                slot.buffer = None
-                with trio.CancelScope(shield=True) as shield:
-                    shield.deadline = trio.current_time() + self.cancel_timeout
-                    try:
-                        await self._receive_chunks(slot)
-                    except (_TransportFailure, NBDError):
-                        pass
-                if shield.cancelled_caught:
-                    self._channel_failed(slot.epoch, "the reply of a cancelled request did "
-                                                     "not arrive in time")
+                await self._finish_cancelled(slot)
                 raise
+            try:
+                error = slot.reply.finish()
+            except ProtocolError as exc:
+                raise self._protocol_violation(exc) from None
+            if error is not None and error.errno == errno.ESHUTDOWN:
+                self._channel_failed(slot.epoch, "the server is shutting down (ESHUTDOWN)",
+                                     soft=True)
+                raise _TransportFailure("the server is shutting down")
         finally:
             self._slots[slot.cookie - 1] = None
             self._release()
-        error = slot.reply.finish()
         if error is not None:
-            if error.errno == errno.ESHUTDOWN:
-                await self._soft_disconnect(slot.epoch)
-                raise _TransportFailure("the server is shutting down")
             raise error
 
-    async def _receive_chunks(self, slot: _Slot) -> None:
-        reply = slot.reply
-        while not reply.done:
-            header = await self._wait_for_reply(slot)
+    async def _finish_cancelled(self, slot: _Slot) -> None:
+        """A cancelled request reads the rest of its own reply (discarding it), so the
+        stream stays in step; at most ``cancel_timeout`` long, else the connection is
+        declared broken."""
+        slot.buffer = None
+        with trio.CancelScope(shield=True) as shield:
+            shield.deadline = trio.current_time() + self.cancel_timeout
             try:
-                with trio.CancelScope(shield=True):  # a chunk is always consumed whole
-                    await self._consume_chunk(slot, header)
+                await self._receive_chunks(slot)
+            except (_TransportFailure, NBDError):
+                pass
+        if shield.cancelled_caught:
+            self._channel_failed(slot.epoch, "the reply of a cancelled request did not "
+                                             "arrive in time")
+            if self._current is not None and self._current.cookie == slot.cookie:
+                self._current = None
+                self._wake_one_receiver()
+
+    async def _receive_chunks(self, slot: _Slot) -> None:
+        """Consume chunks until the reply is finished (resumable after cancellation)."""
+        while not slot.finished:
+            header = slot.chunk or await self._wait_for_reply(slot)
+            try:
+                await self._consume_chunk(slot, header)
             except TransportError as exc:
                 self._channel_failed(slot.epoch, exc)
                 raise _TransportFailure(str(exc)) from None
@@ -604,13 +632,10 @@ class NBDDevice:
             self._current = None
             self._wake_one_receiver()
 
-    def _connected(self) -> bool:
-        return self._state.value is State.CONNECTED
-
     def _check_alive(self, slot: _Slot) -> None:
-        if self.state is State.QUIT:
+        if self._fatal is not None:
             raise self._quit_error()
-        if slot.epoch != self._epoch or self.state is not State.CONNECTED:
+        if slot.epoch != self._epoch or not self._connected():
             raise _TransportFailure("connection lost while waiting for the reply")
 
     async def _wait_for_reply(self, slot: _Slot) -> ReplyHeader:
@@ -691,70 +716,75 @@ class NBDDevice:
                 self._wake(slot)
 
     async def _consume_chunk(self, slot: _Slot, header: ReplyHeader) -> None:
-        """Read one chunk's payload (shielded by the caller) and update the reply."""
-        reply, channel = slot.reply, self._channel
+        """Read one chunk's payload and update the reply.
+
+        Resumable: progress lives in the slot and every read is either a peek
+        (nothing consumed until it completes) or a partial read whose count is saved.
+        """
+        channel, reply = self._channel, slot.reply
         assert channel is not None
-        if header.simple:
-            if reply.simple(header.error):
-                await self._read_data(slot, 0, reply.length)
-            return
-        reply.chunk(header)
-        kind = header.type
-        if kind == ChunkType.OFFSET_DATA:
+        if slot.chunk is not header:  # first visit: validate the header once
+            slot.chunk, slot.kind, slot.payload = header, "", None
+            if header.simple:
+                if reply.simple(header.error):  # READ data follows
+                    slot.kind, slot.at, slot.left = "data", 0, reply.length
+            else:
+                reply.chunk(header)
+                if header.type == ChunkType.OFFSET_DATA:
+                    slot.kind = "offset"
+                elif header.type != ChunkType.NONE:
+                    slot.kind, slot.left = "payload", header.length
+        if slot.kind == "offset":
             offset = decode_offset(await channel.peek(8))
             channel.consume(8)
             size = header.length - 8
-            await self._read_data(slot, reply.data(offset, size), size)
-        elif kind != ChunkType.NONE:
-            payload = await self._read_payload(header.length)
-            if kind == ChunkType.OFFSET_HOLE:
-                offset, size = decode_hole(payload)
-                pos = reply.hole(offset, size)
-                if slot.buffer is not None:
-                    _fill_zeroes(slot.buffer[pos:pos + size])
-            elif kind in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
-                context_id, extents = decode_block_status(payload,
-                                                          extended=reply.extended)
-                reply.block_status(context_id, extents)
-                slot.extents[context_id] = extents
-            elif is_error_chunk(kind):
-                reply.error_chunk(*decode_error(payload, kind))
+            slot.kind, slot.at, slot.left = "data", reply.data(offset, size), size
+        if slot.kind == "data":
+            while slot.left:
+                if slot.buffer is None:
+                    n = await channel.receive_some_into(
+                        memoryview(_SCRATCH)[:min(slot.left, len(_SCRATCH))])
+                else:
+                    n = await channel.receive_some_into(
+                        slot.buffer[slot.at:slot.at + slot.left])
+                    self._stats["bytes_read"] += n
+                slot.at += n
+                slot.left -= n
+        elif slot.kind == "payload":
+            self._chunk_payload(slot, header, await self._read_payload(slot, channel))
+        slot.chunk, slot.kind, slot.payload = None, "", None
 
-    async def _read_data(self, slot: _Slot, pos: int, size: int) -> None:
-        channel = self._channel
-        assert channel is not None
-        if slot.buffer is None:
-            await channel.discard(size)
-            return
-        view = slot.buffer[pos:pos + size]
-        done = 0
-        while done < size:
-            done += await channel.receive_some_into(view[done:])
-        self._stats["bytes_read"] += size
+    async def _read_payload(self, slot: _Slot, channel: Channel) -> bytes | bytearray:
+        length = slot.left
+        if length <= DEFAULT_READ_AHEAD:
+            data = bytes(await channel.peek(length))
+            channel.consume(length)
+            slot.left = 0
+            return data
+        if slot.payload is None:
+            slot.payload = bytearray(length)  # capped by ReplyState.chunk()
+        view = memoryview(slot.payload)
+        while slot.left:
+            done = length - slot.left
+            slot.left -= await channel.receive_some_into(view[done:])
+        return slot.payload
 
-    async def _read_payload(self, length: int) -> bytes:
-        channel = self._channel
-        assert channel is not None
-        if length <= 4096:
-            return await channel.receive_exactly(length)
-        payload = bytearray(length)
-        await channel.receive_into(memoryview(payload))
-        return bytes(payload)
+    def _chunk_payload(self, slot: _Slot, header: ReplyHeader,
+                       payload: bytes | bytearray) -> None:
+        reply, kind = slot.reply, header.type
+        if kind == ChunkType.OFFSET_HOLE:
+            offset, size = decode_hole(payload)
+            pos = reply.hole(offset, size)
+            if slot.buffer is not None:
+                _fill_zeroes(slot.buffer[pos:pos + size])
+        elif kind in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
+            context_id, extents = decode_block_status(payload, extended=reply.extended)
+            reply.block_status(context_id, extents)
+            slot.extents[context_id] = extents
+        elif is_error_chunk(kind):
+            reply.error_chunk(*decode_error(payload, kind))
 
-    async def _soft_disconnect(self, epoch: int) -> None:
-        """The server said ESHUTDOWN: send NBD_CMD_DISC, then treat it as a disconnect."""
-        channel, wire = self._channel, self._wire
-        if channel is not None and wire is not None and epoch == self._epoch:
-            with trio.move_on_after(1):
-                try:
-                    async with self.send_mutex:
-                        await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
-                                                          extended=wire.extended))
-                except TransportError:
-                    pass
-        self._channel_failed(epoch, "server is shutting down (ESHUTDOWN)")
-
-    # --- the public I/O methods --------------------------------------------------------
+    # --- the node's own I/O (behind the BlockNode port) --------------------------------
 
     def _pieces(self, command: Command, offset: int, count: int,
                 flags: int = 0) -> list[tuple[int, int]]:
@@ -768,64 +798,47 @@ class NBDDevice:
             check_request(info, command, at, n, flags)
         return pieces
 
-    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf``."""
-        view = memoryview(buf).cast("B")
-        if view.readonly:
-            raise InvalidArgumentError("pread_into needs a writable buffer")
-        await self._read_pieces(view, self._pieces(Command.READ, offset, len(view)))
-
     async def pread(self, count: int, offset: int) -> bytes:
         """Read ``count`` bytes at ``offset``."""
-        pieces = self._pieces(Command.READ, offset, count)  # check before allocating
-        buf = bytearray(count)
-        await self._read_pieces(memoryview(buf), pieces)
-        return bytes(buf)
+        self._pieces(Command.READ, offset, count)  # check before allocating
+        return await super().pread(count, offset)
 
-    async def _read_pieces(self, view: memoryview, pieces: list[tuple[int, int]]) -> None:
+    async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
         pos = 0
-        for at, n in pieces:
-            await self._request(Command.READ, at, n, buffer=view[pos:pos + n])
+        for at, n in self._pieces(Command.READ, offset, len(buf)):
+            await self._request(Command.READ, at, n, buffer=buf[pos:pos + n])
             pos += n
 
-    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
-                     fua: bool = False) -> None:
-        """Write ``buf`` at ``offset``. ``buf`` must not change until this returns."""
-        view = memoryview(buf).cast("B")
+    async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
         flags = CommandFlag.FUA if fua else 0
         pos = 0
-        for at, n in self._pieces(Command.WRITE, offset, len(view), flags):
-            await self._request(Command.WRITE, at, n, flags, payload=view[pos:pos + n])
+        for at, n in self._pieces(Command.WRITE, offset, len(buf), flags):
+            await self._request(Command.WRITE, at, n, flags, payload=buf[pos:pos + n])
             self._stats["bytes_written"] += n
             pos += n
 
-    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
-                   fast: bool = False, fua: bool = False) -> None:
-        """Write zeroes; ``may_trim=False`` keeps the range allocated (NO_HOLE);
-        ``fast=True`` fails with ENOTSUP unless the server can do it faster than a write."""
+    async def _do_zero(self, count: int, offset: int, *, may_trim: bool = True,
+                       fast: bool = False, fua: bool = False) -> None:
         flags = ((0 if may_trim else CommandFlag.NO_HOLE)
                  | (CommandFlag.FAST_ZERO if fast else 0) | (CommandFlag.FUA if fua else 0))
         for at, n in self._pieces(Command.WRITE_ZEROES, offset, count, flags):
             await self._request(Command.WRITE_ZEROES, at, n, flags)
 
-    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
-        """Discard a range (a hint: its contents become unspecified)."""
+    async def _do_trim(self, count: int, offset: int, *, fua: bool = False) -> None:
         flags = CommandFlag.FUA if fua else 0
         for at, n in self._pieces(Command.TRIM, offset, count, flags):
             await self._request(Command.TRIM, at, n, flags)
 
-    async def flush(self) -> None:
-        """Make every write that has been replied to durable."""
+    async def _do_flush(self) -> None:
         check_request(self.info, Command.FLUSH, 0, 0)
         await self._request(Command.FLUSH, 0, 0)
 
-    async def cache(self, count: int, offset: int) -> None:
-        """Ask the server to prefetch a range."""
+    async def _do_cache(self, count: int, offset: int) -> None:
         for at, n in self._pieces(Command.CACHE, offset, count):
             await self._request(Command.CACHE, at, n)
 
-    async def block_status(self, count: int, offset: int, *,
-                           context: str = BASE_ALLOCATION) -> list[Extent]:
+    async def _do_block_status(self, count: int, offset: int, *,
+                               context: str = BASE_ALLOCATION) -> list[Extent]:
         """Extents of ``context`` covering ``offset .. offset+count``, in order.
 
         The server may answer with less than asked; this asks again from where it
@@ -883,6 +896,16 @@ def _describe(exc: BaseException | None) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _reraise_alone(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise the only exception of ``group`` as itself, keeping its cause and context."""
+    exc = group.exceptions[0]
+    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
+
+
 @asynccontextmanager
 async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                    reconnect_delay: float = 0.0, open_timeout: float = 0.0,
@@ -901,11 +924,10 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
     lost (0: fail at once while the worker keeps reconnecting in the background).
     ``open_timeout``: keep trying to connect for that long before giving up (0: one
     attempt).  ``meta_contexts``: contexts to negotiate besides base:allocation (e.g.
-    ``qemu:dirty-bitmap:NAME``).  ``stream_factory`` replaces the socket connection
-    (tests use trio.testing memory streams).
+    ``qemu:dirty-bitmap:NAME``).  ``cancel_timeout``: how long a cancelled request may
+    keep reading its own reply before the connection is declared broken.
+    ``stream_factory`` replaces the socket connection (tests use memory streams).
     """
-    from ..protocol.uri import parse_uri
-
     address = parse_uri(target) if isinstance(target, str) else target
     if export is not None:
         address = replace(address, export=export)
@@ -924,11 +946,10 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                 await device._open(open_timeout)
                 yield device
             finally:
-                with trio.CancelScope(shield=True):
-                    await device.aclose()
+                await device.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The background tasks never raise, so the group holds the body's exception.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            _reraise_alone(group)
         raise

@@ -10,8 +10,9 @@ takes effect for the next request or reply).
 hook                   effect
 =====================  ================================================================
 ``delay``              a command kind waits ``seconds`` before it is executed
-``fail``               matching requests fail with an errno: every Nth, at a rate (seeded
-                       RNG), in a byte range, optionally only ``times`` times
+``fail``               matching requests fail with an errno, on a
+                       :class:`~blockdrv.triggers.Trigger` schedule: every Nth, after N,
+                       at a rate (seeded RNG), in a byte range, at most ``times`` times
 ``drop_after``         the connection is cut right after the Nth next request arrives
                        (its payload included), before it is answered
 ``drop_in_reply``      the Nth next reply is cut after ``byte_offset`` bytes
@@ -34,41 +35,16 @@ from dataclasses import dataclass, field
 import trio
 
 from ..protocol.constants import Command
+from ..triggers import Trigger, command_of, commands_of, first_firing
 
 MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
 
 
-def command_of(value: Command | int | str) -> Command:
-    """A Command from an enum, a number, or a name like "read" or "write-zeroes"."""
-    if isinstance(value, str):
-        try:
-            return Command[value.upper().replace("-", "_")]
-        except KeyError:
-            raise ValueError(f"unknown command {value!r}") from None
-    return Command(value)
-
-
 @dataclass(eq=False)
-class FailRule:
-    """Fail requests that match with ``errno``."""
+class FailRule(Trigger):
+    """Fail requests the trigger fires for with ``errno``."""
 
-    commands: frozenset[Command] | None = None  # None: every command
     errno: int = _errno.EIO
-    every: int = 1  # fail every Nth matching request
-    rate: float = 1.0  # ... with this probability
-    byte_range: tuple[int, int] | None = None  # (offset, length) the request must touch
-    times: int | None = None  # stop after failing this many
-    seen: int = 0
-    failed: int = 0
-
-    def matches(self, command: Command, offset: int, length: int) -> bool:
-        if self.commands is not None and command not in self.commands:
-            return False
-        if self.byte_range is not None:
-            start, n = self.byte_range
-            if offset >= start + n or offset + max(length, 1) <= start:
-                return False
-        return self.times is None or self.failed < self.times
 
 
 @dataclass(eq=False)
@@ -109,15 +85,11 @@ class Faults:
         self._update()
 
     def fail(self, commands: object = None, *, errno: int = _errno.EIO, every: int = 1,
-             rate: float = 1.0, byte_range: tuple[int, int] | None = None,
+             after: int = 0, rate: float = 1.0, byte_range: tuple[int, int] | None = None,
              times: int | None = None) -> FailRule:
         """Add a failure rule; returns it so it can be removed with :meth:`remove`."""
-        if isinstance(commands, (str, int, Command)):
-            commands = [commands]
-        chosen = None if commands is None else frozenset(command_of(c) for c in commands)  # type: ignore[attr-defined]
-        if every < 1 or not 0 <= rate <= 1:
-            raise ValueError("every must be >= 1 and rate within [0, 1]")
-        rule = FailRule(chosen, errno, every, rate, byte_range, times)
+        rule = FailRule(commands=commands_of(commands), byte_range=byte_range, every=every,
+                        after=after, times=times, rate=rate, errno=errno)
         self.rules.append(rule)
         self._update()
         return rule
@@ -173,15 +145,11 @@ class Faults:
         return seconds
 
     def failure_for(self, command: Command, offset: int, length: int) -> int | None:
-        for rule in self.rules:
-            if rule.matches(command, offset, length):
-                rule.seen += 1
-                if rule.seen % rule.every == 0 and (rule.rate >= 1
-                                                    or self.rng.random() < rule.rate):
-                    rule.failed += 1
-                    self.injected["error"] += 1
-                    return rule.errno
-        return None
+        rule = first_firing(self.rules, command, offset, length, self.rng)
+        if rule is None:
+            return None
+        self.injected["error"] += 1
+        return rule.errno  # type: ignore[attr-defined,no-any-return]
 
     def request_arrived(self) -> bool:
         """Count a request; True when the connection must be cut now."""

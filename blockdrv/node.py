@@ -1,0 +1,301 @@
+"""BlockNode: the interface every block node offers, and its provider port.
+
+Theory of operation
+-------------------
+A node's public I/O methods (``pread``, ``pread_into``, ``pwrite``, ``zero``, ``trim``,
+``flush``, ``cache``, ``block_status``) are its *provider port*, as in FreeBSD GEOM.  A
+request entering the port:
+
+1. waits while the node is drained (new requests never fail, they wait);
+2. counts in :attr:`BlockNode.in_flight` until it returns;
+3. is *routed*: to the top proxy inserted on this port, if any (seed 003: "g_io_request()
+   finds that port pp has a proxy attached to it, and immediately redirects the requests
+   to the proxy"); else to the node this one was replaced by, if any; else to the
+   node's own implementation (the ``_do_*`` methods a subclass provides).
+
+A proxy reaches the node below it through a :class:`Bypass`, which calls the node's own
+implementation directly: the proxy's requests are not redirected back to it, and they
+skip the drain gate (they belong to requests already admitted at the port, so making
+them wait for the drain would deadlock it).  Requests running in a node's own
+implementation, from the port or from a bypass, count in ``_executing``.
+
+``drained()`` closes the gate, waits until nothing is in flight through the port and
+nothing executes in the node, then drains the node's :meth:`children` (composition down
+the graph), and reopens the gate when the section ends.  Drains nest (a counter) and
+never cancel or fail anything.  The graph changes of :mod:`blockdrv.block.graph` edit
+``_proxies`` and ``_replacement`` inside such a section.
+
+This module sits below both the NBD driver and the block graph: the driver's
+:class:`~blockdrv.nbd.NBDDevice` is a BlockNode, and filters are too.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, NamedTuple, Protocol, Sequence
+
+from trio_util import AsyncValue
+
+from .protocol.constants import BASE_ALLOCATION
+from .protocol.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .protocol.export import ExportInfo
+
+
+class Extent(NamedTuple):
+    """A run of the export with the same status flags."""
+
+    offset: int
+    length: int
+    flags: int
+
+
+class IO(Protocol):
+    """The I/O methods a port routes to (a node, a proxy, or a bypass)."""
+
+    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None: ...
+    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None: ...
+    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None: ...
+    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def cache(self, count: int, offset: int) -> None: ...
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]: ...
+
+
+class BlockNode(abc.ABC):
+    """A block device node: the same I/O methods as NBDDevice, plus ``drained()``.
+
+    Subclasses implement ``size``, ``info`` and the ``_do_*`` methods; the public
+    methods add the port behaviour described in the module docstring.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = AsyncValue(0)  # through the port, until they return
+        self._executing = AsyncValue(0)  # inside this node's own implementation
+        self._drains = AsyncValue(0)
+        self._proxies: list[BlockNode] = []  # inserted on this port, bottom first
+        self._replacement: BlockNode | None = None
+        self._own = _Own(self)
+
+    # --- what subclasses provide ---------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ExportInfo: ...
+
+    def children(self) -> Sequence[BlockNode]:
+        """Nodes this one sends requests to (drained along with it)."""
+        return ()
+
+    # The _do_* methods take exactly the arguments of the public methods.
+
+    @abc.abstractmethod
+    async def _do_pread_into(self, buf: memoryview, offset: int) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_zero(self, count: int, offset: int, *, may_trim: bool = True,
+                       fast: bool = False, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_trim(self, count: int, offset: int, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_flush(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_cache(self, count: int, offset: int) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_block_status(self, count: int, offset: int, *,
+                               context: str = BASE_ALLOCATION) -> list[Extent]: ...
+
+    # --- the port ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _entry(self) -> AsyncIterator[IO]:
+        """Wait at the drain gate, count the request, yield where to route it."""
+        while self._drains.value:  # re-check: a new drain may start as one ends
+            await self._drains.wait_value(0)
+        self.in_flight.value += 1
+        try:
+            if self._proxies:
+                yield self._proxies[-1]
+            elif self._replacement is not None:
+                yield self._replacement
+            else:
+                yield self._own
+        finally:
+            self.in_flight.value -= 1
+
+    async def pread(self, count: int, offset: int) -> bytes:
+        """Read ``count`` bytes at ``offset``."""
+        if count < 0 or offset < 0 or offset + count > self.size:
+            raise InvalidArgumentError(
+                f"read of {count} bytes at {offset} is outside the export ({self.size})")
+        buf = bytearray(count)
+        await self.pread_into(buf, offset)
+        return bytes(buf)
+
+    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+        async with self._entry() as route:
+            await route.pread_into(buf, offset)
+
+    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
+        async with self._entry() as route:
+            await route.pwrite(buf, offset, fua=fua)
+
+    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        """Write zeroes (``may_trim=False``: keep allocated; ``fast``: only if cheap)."""
+        async with self._entry() as route:
+            await route.zero(count, offset, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
+        """Discard a range (its contents become unspecified)."""
+        async with self._entry() as route:
+            await route.trim(count, offset, fua=fua)
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        async with self._entry() as route:
+            await route.flush()
+
+    async def cache(self, count: int, offset: int) -> None:
+        """Prefetch a range."""
+        async with self._entry() as route:
+            await route.cache(count, offset)
+
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
+        """Extents of ``context`` covering the range, in order."""
+        async with self._entry() as route:
+            return await route.block_status(count, offset, context=context)
+
+    # --- drained sections -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """No request through this node: new ones wait, in-flight ones finish.
+
+        Drains this node's children too; never cancels or fails a request; nests.
+        """
+        self._drains.value += 1
+        try:
+            await self.in_flight.wait_value(0)
+            await self._executing.wait_value(0)
+            async with AsyncExitStack() as stack:
+                for child in self._below():
+                    await stack.enter_async_context(child.drained())
+                yield
+        finally:
+            self._drains.value -= 1
+
+    def _below(self) -> Sequence[BlockNode]:
+        """Where this node's own requests go: its replacement, or its children."""
+        return [self._replacement] if self._replacement is not None else self.children()
+
+    def bypass(self) -> Bypass:
+        """This node's own implementation, without its port (for a proxy above it)."""
+        return Bypass(self)
+
+
+class _Own:
+    """Routes port calls to the node's own ``_do_*`` implementation, counted."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        node = self.node
+        node._executing.value += 1
+        try:
+            return await getattr(node, "_do_" + method)(*args, **kwargs)
+        finally:
+            node._executing.value -= 1
+
+    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise InvalidArgumentError("pread_into needs a writable buffer")
+        await self._call("pread_into", view, offset)
+
+    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        await self._call("pwrite", memoryview(buf).cast("B"), offset, fua=fua)
+
+    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        await self._call("zero", count, offset, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
+        await self._call("trim", count, offset, fua=fua)
+
+    async def flush(self) -> None:
+        await self._call("flush")
+
+    async def cache(self, count: int, offset: int) -> None:
+        await self._call("cache", count, offset)
+
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
+        return await self._call("block_status", count, offset, context=context)  # type: ignore[no-any-return]
+
+
+class Bypass(_Own):
+    """A node reached from the proxy right above it: its own implementation, or the
+    port of the node it was replaced by.
+
+    Looks like a node to the proxy: ``size``, ``info``, the I/O methods and
+    ``drained()``, which waits only for what executes below this point (requests
+    parked at the node's port are the proxy's own, and are drained through it).
+    """
+
+    __slots__ = ()
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        replacement = self.node._replacement
+        if replacement is not None:
+            return await getattr(replacement, method)(*args, **kwargs)
+        return await super()._call(method, *args, **kwargs)
+
+    @property
+    def size(self) -> int:
+        return self.node.size
+
+    @property
+    def info(self) -> ExportInfo:
+        return self.node.info
+
+    async def pread(self, count: int, offset: int) -> bytes:
+        buf = bytearray(count)
+        await self.pread_into(buf, offset)
+        return bytes(buf)
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        node = self.node
+        await node._executing.wait_value(0)
+        async with AsyncExitStack() as stack:
+            for child in node._below():
+                await stack.enter_async_context(child.drained())
+            yield
+
+    def __repr__(self) -> str:
+        return f"<Bypass of {self.node!r}>"
