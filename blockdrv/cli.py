@@ -83,11 +83,19 @@ def main(verbose: int) -> None:
 @click.option("--no-structured", is_flag=True, help="Refuse structured replies.")
 @click.option("--no-extended", is_flag=True, help="Refuse extended headers.")
 @click.option("--seed", type=int, help="Seed for shuffling and fault rates.")
+@click.option("--fail", "fail_rules", multiple=True, metavar="KIND:ERRNO:RATE",
+              help="Fault hook: fail KIND requests (read, write, zero, trim, flush, "
+                   "cache, block-status, all) with ERRNO (EIO, ENOSPC, ...) at RATE.")
+@click.option("--lose-writes", type=click.FloatRange(0, 1), default=0.0,
+              help="Fault hook: acknowledge writes without storing them, at this rate.")
+@click.option("--stale-reads", type=click.FloatRange(0, 1), default=0.0,
+              help="Fault hook: serve reads from data older than the latest writes.")
 @one_line_errors
 def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
           max_payload: int, min_block: int, shuffle_replies: bool, no_structured: bool,
-          no_extended: bool, seed: int | None) -> None:
+          no_extended: bool, seed: int | None, fail_rules: tuple[str, ...],
+          lose_writes: float, stale_reads: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
     Prints the export's NBD URI on the first line of stdout once listening. Without
@@ -112,6 +120,14 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         backend = MemoryBackend(memory)
     export = Export(export_name, backend, read_only=read_only, description=description,
                     min_block=min_block, max_payload=max_payload)
+    export.faults.rng.seed(seed)
+    for spec in fail_rules:
+        kind, code, rate = _fail_spec(spec)
+        export.faults.fail(kind, errno=code, rate=rate)
+    if lose_writes:
+        export.faults.lose_writes(lose_writes)
+    if stale_reads:
+        export.faults.stale_reads(stale_reads)
     server = NBDServer(export, structured=not no_structured, extended=not no_extended,
                        shuffle_replies=shuffle_replies, seed=seed)
 
@@ -123,6 +139,26 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
                                    port=port, announce=announce))
     finally:
         server.close()
+
+
+def _fail_spec(spec: str) -> tuple[str | None, int, float]:
+    """``KIND:ERRNO:RATE`` of ``serve --fail`` (KIND ``all`` means every command)."""
+    import errno as errno_module
+
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"--fail wants KIND:ERRNO:RATE, not {spec!r}")
+    kind, name, rate_text = parts
+    code = getattr(errno_module, name.upper(), None)
+    if not isinstance(code, int):
+        raise ValueError(f"unknown errno {name!r} in --fail {spec!r}")
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        raise ValueError(f"bad rate {rate_text!r} in --fail {spec!r}") from None
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate must be within [0, 1] in --fail {spec!r}")
+    return (None if kind == "all" else kind), code, rate
 
 
 if __name__ == "__main__":  # pragma: no cover

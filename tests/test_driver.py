@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 from support.inprocess import URI, InProcessServer
+from support.outcomes import outcome
 from support.streams import CountingStream, CuttingStream, Gate, unbuffered_pair
 
 from blockdrv import (
@@ -438,11 +439,7 @@ async def test_more_requests_than_max_in_flight_when_the_server_dies(comes_back,
             outcomes = []
 
             async def request(i):
-                try:
-                    await dev.pread(512, i * 512)
-                    outcomes.append("ok")
-                except ConnectionLostError:
-                    outcomes.append("failed")
+                await outcome(outcomes, dev.pread, 512, i * 512)
 
             async with trio.open_nursery() as nursery:
                 for i in range(20):
@@ -469,11 +466,7 @@ async def test_drain_during_an_outage(comes_back_after, autojump_clock):
             outcomes = []
 
             async def write(i):
-                try:
-                    await dev.pwrite(b"w" * 512, i * 512)
-                    outcomes.append("ok")
-                except ConnectionLostError:
-                    outcomes.append("failed")
+                await outcome(outcomes, dev.pwrite, b"w" * 512, i * 512)
 
             async with trio.open_nursery() as nursery:
                 for i in range(4):
@@ -844,3 +837,22 @@ async def test_no_exception_group_escapes_open_nbd():
                 async with open_nbd(URI, stream_factory=srv.connect):
                     pass
             nursery.cancel_scope.cancel()
+
+
+async def test_wait_connected_waits_for_the_worker_in_nowait(autojump_clock):
+    with trio.fail_after(120):
+        async with opened(reconnect_delay=0, retry_initial=1, retry_max=2) as (dev, srv):
+            srv.kill()
+            with pytest.raises(ConnectionLostError):
+                await dev.pread(512, 0)
+            assert dev.state is State.CONNECTING_NOWAIT
+
+            async def back_later():
+                await trio.sleep(5)
+                srv.restart()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(back_later)
+                await dev.wait_connected()
+                assert dev.state is State.CONNECTED and trio.current_time() >= 5
+            assert await dev.pread(512, 0) == bytes(512)

@@ -440,13 +440,29 @@ class NBDDevice(BlockNode):
         self._admitted -= 1
         self._admission.unpark()
 
-    async def _reconnect_attempt(self) -> None:
+    async def wait_connected(self) -> None:
+        """Wait until the device is connected again.
+
+        Requests in CONNECTING_NOWAIT fail at once while the worker reconnects in the
+        background; this waits for the worker instead (e.g. after ``cancel_in_flight()``,
+        before resuming work).  Raises the device's error if it is dead (QUIT).
+        """
+        while not self._connected():
+            await self._admit()
+            try:
+                if not self._connected():
+                    await self._reconnect_attempt(blocking=True)
+            finally:
+                self._release()
+
+    async def _reconnect_attempt(self, *, blocking: bool | None = None) -> None:
         """Run by the only admitted request while not connected (qemu semantics)."""
         assert self._admitted == 1
         if self._channel is not None:
             old, self._channel = self._channel, None
             await old.aclose()
-        blocking = self.state is State.CONNECTING_WAIT
+        if blocking is None:
+            blocking = self.state is State.CONNECTING_WAIT
         try:
             result = await self._worker.get(blocking=blocking)
         finally:

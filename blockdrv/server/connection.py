@@ -300,6 +300,11 @@ class ServerConnection:
         assert self.export is not None
         segments = await self.export.backend.read(request.offset, request.length)
         cookie, extended = request.cookie, self.extended
+        for faults in (self.export.faults, self.faults):
+            if faults.active and faults.stale_rate:
+                flat = bytearray(b"".join(bytes(b) for b in _flatten(segments)))
+                if faults.stale(request.offset, flat):
+                    segments = [(request.offset, len(flat), [memoryview(flat)])]
         if not self.structured or request.flags & CommandFlag.DF:
             data = _flatten(segments)
             if not self.structured:
@@ -325,6 +330,10 @@ class ServerConnection:
 
     async def _write(self, request: Request, payload: bytearray | None) -> None:
         assert self.export is not None and payload is not None
+        for faults in (self.export.faults, self.faults):
+            if faults.active and faults.stale_rate:
+                old = await self.export.backend.read(request.offset, request.length)
+                faults.remember(request.offset, b"".join(bytes(b) for b in _flatten(old)))
         await self.export.backend.write(request.offset, payload,
                                         fua=bool(request.flags & CommandFlag.FUA))
 

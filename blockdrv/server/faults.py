@@ -20,6 +20,8 @@ hook                   effect
 ``malformed_reply``    the next (or every Nth) reply has a bad magic, an unknown cookie
                        or an oversized length
 ``lose_writes``        writes are acknowledged but not stored (at a rate)
+``stale_reads``        reads return what a range held before its latest writes (at a
+                       rate): the server serves stale data
 =====================  ================================================================
 
 Counters in :attr:`Faults.injected` say how many faults of each kind were injected.
@@ -27,6 +29,7 @@ Counters in :attr:`Faults.injected` say how many faults of each kind were inject
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import random
 from collections import Counter
@@ -63,6 +66,9 @@ class Faults:
     malformed_every: int = 0
     malformed_countdown: int = 0
     lose_rate: float = 0.0
+    stale_rate: float = 0.0
+    history: collections.deque[tuple[int, bytes]] = field(
+        default_factory=lambda: collections.deque(maxlen=4096))
     injected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -71,7 +77,7 @@ class Faults:
     def _update(self) -> None:
         self.active = bool(self.delays or self.rules or self.drop_countdown is not None
                            or self.cut_countdown is not None or self.stall_until is not None
-                           or self.malformed_kind or self.lose_rate)
+                           or self.malformed_kind or self.lose_rate or self.stale_rate)
 
     # --- configuration -----------------------------------------------------------------
 
@@ -127,13 +133,19 @@ class Faults:
         self.lose_rate = rate
         self._update()
 
+    def stale_reads(self, rate: float = 1.0) -> None:
+        """Serve reads from what ranges held before their latest writes, at ``rate``."""
+        self.stale_rate = rate
+        self._update()
+
     def clear(self) -> None:
         """Turn every hook off (counters are kept)."""
         self.delays.clear()
         self.rules.clear()
         self.drop_countdown = self.cut_countdown = self.stall_until = None
         self.malformed_kind = None
-        self.lose_rate = 0.0
+        self.lose_rate = self.stale_rate = 0.0
+        self.history.clear()
         self._update()
 
     # --- decisions (called by the server for each request or reply) -------------------
@@ -201,6 +213,24 @@ class Faults:
             self._update()
         self.injected["malformed"] += 1
         return kind
+
+    def remember(self, offset: int, old: bytes) -> None:
+        """Keep what a range held before a write (for stale reads)."""
+        self.history.append((offset, old))
+
+    def stale(self, offset: int, data: bytearray) -> bool:
+        """Overlay remembered old contents on a read at ``offset`` (at the rate)."""
+        if not self.stale_rate or (self.stale_rate < 1 and self.rng.random() >= self.stale_rate):
+            return False
+        end, changed = offset + len(data), False
+        for at, old in self.history:
+            lo, hi = max(at, offset), min(at + len(old), end)
+            if lo < hi:
+                data[lo - offset:hi - offset] = old[lo - at:hi - at]
+                changed = True
+        if changed:
+            self.injected["stale-read"] += 1
+        return changed
 
     def lose_write(self) -> bool:
         if self.lose_rate and (self.lose_rate >= 1 or self.rng.random() < self.lose_rate):

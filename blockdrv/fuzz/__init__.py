@@ -1,0 +1,1 @@
+"""Fault injection: the blockdrv-fuzz runner, its proxy, model and server control."""

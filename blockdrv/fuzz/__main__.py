@@ -1,0 +1,5 @@
+"""``python -m blockdrv.fuzz`` runs ``blockdrv-fuzz``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The ``blockdrv-fuzz`` command: seeded fault-injection runs of the driver.
+
+Exit status 0 only when no invariant was violated; 1 when one was (a reproducer file is
+written, for ``--replay``); 2 for bad arguments or a run that could not start.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import trio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..cli import SIZE
+from .runner import (
+    ALL_FAULTS,
+    DEFAULT_FAULTS,
+    SERVER_KINDS,
+    FuzzConfig,
+    FuzzResult,
+    FuzzRun,
+    load_reproducer,
+)
+
+
+def parse_faults(text: str) -> tuple[str, ...]:
+    """``default``, ``none``, ``all`` or kinds, comma-separated (``default,lose-writes``)."""
+    kinds: list[str] = []
+    for word in (w.strip() for w in text.split(",")):
+        if word == "default":
+            kinds += DEFAULT_FAULTS
+        elif word == "all":
+            kinds += ALL_FAULTS
+        elif word in ("none", ""):
+            continue
+        elif word in ALL_FAULTS:
+            kinds.append(word)
+        else:
+            raise click.BadParameter(f"unknown fault {word!r}; choose from default, all, "
+                                     f"none, {', '.join(ALL_FAULTS)}")
+    return tuple(dict.fromkeys(kinds))
+
+
+def _table(result: FuzzResult) -> Table:
+    summary = result.summary()
+    table = Table(title=f"blockdrv-fuzz seed {summary['seed']} against {summary['server']}"
+                        f" ({summary['elapsed']:.1f} s)", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("figures")
+
+    def counts(mapping: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(mapping.items())) or "none"
+
+    table.add_row("operations", f"{summary['ops_total']}: {counts(summary['ops_by_kind'])}")
+    table.add_row("failed (explained)", counts(summary["failures_by_kind"]))
+    table.add_row("faults injected", f"{summary['faults_injected']}: "
+                                     f"{counts(summary['faults_by_kind'])}")
+    table.add_row("reconnects", f"{summary['reconnects']} (device reopened "
+                                f"{summary['reopens']}x after malformed replies)")
+    table.add_row("drains / graph changes", f"{summary['drains']} / "
+                                            f"{summary['graph_changes']}")
+    lat = summary["latency"]
+    table.add_row("latency p50 / p99 / max",
+                  f"{lat['p50'] * 1e3:.2f} / {lat['p99'] * 1e3:.2f} / {lat['max'] * 1e3:.1f} ms")
+    table.add_row("violations", str(len(summary["violations"])),
+                  style="red" if summary["violations"] else "green")
+    return table
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", type=click.Choice(SERVER_KINDS), default="embedded",
+              show_default=True, help="Server to run (on a temporary file).")
+@click.option("--server-cmd", metavar="CMD",
+              help="Run this server command instead; {socket} and {file} are filled in.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--duration", type=float, help="Seconds of workload (default 30).")
+@click.option("--ops", type=int, help="Number of operations (instead of --duration).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--faults", "faults_text", default="default", show_default=True,
+              help="Fault kinds, comma-separated: default, all, none, "
+                   + ", ".join(ALL_FAULTS) + ".")
+@click.option("--reconnect-delay", type=float, default=15.0, show_default=True)
+@click.option("--size", type=SIZE, default="64M", show_default=True)
+@click.option("--json", "json_file", type=click.Path(dir_okay=False),
+              help="Write the figures as JSON here.")
+@click.option("--reproducer", type=click.Path(dir_okay=False),
+              help="Where to write the reproducer on a violation "
+                   "(default: ./blockdrv-fuzz-SEED.json).")
+@click.option("--replay", type=click.Path(exists=True, dir_okay=False),
+              help="Run a reproducer again (its configuration and trace).")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table.")
+def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
+         ops: int | None, concurrency: int, faults_text: str, reconnect_delay: float,
+         size: int, json_file: str | None, reproducer: str | None, replay: str | None,
+         quiet: bool) -> None:
+    """Put the NBD driver through a seeded fault-injection run and check invariants."""
+    if duration is not None and ops is not None:
+        raise click.UsageError("give --duration or --ops, not both")
+    trace = None
+    try:
+        if replay is not None:
+            config, trace = load_reproducer(replay)
+        else:
+            config = FuzzConfig(server=server, server_cmd=server_cmd, seed=seed,
+                                duration=duration, ops=ops, concurrency=concurrency,
+                                faults=parse_faults(faults_text),
+                                reconnect_delay=reconnect_delay, size=size)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    console = Console()
+    show_progress = not quiet and sys.stdout.isatty()
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
+                  console=console, disable=not show_progress) as progress:
+        by_ops = config.ops is not None
+        task = progress.add_task("operations" if by_ops else "seconds",
+                                 total=config.ops if by_ops else config.duration)
+
+        def update(done: int, elapsed: float) -> None:
+            progress.update(task, completed=done if by_ops else min(elapsed,
+                                                                  config.duration or 0))
+
+        run = FuzzRun(config, replay=trace, on_progress=update)
+        try:
+            result = trio.run(run.run)
+        except (OSError, RuntimeError) as exc:
+            raise click.ClickException(f"the run could not start: {exc}") from None
+    if not quiet:
+        console.print(_table(result))
+    for v in result.violations:
+        click.echo(f"VIOLATION {v.operation}: expected {v.expected}; found {v.found}",
+                   err=True)
+    if json_file:
+        Path(json_file).write_text(json.dumps(result.summary(), indent=2))
+    if not result.ok:
+        path = Path(reproducer or f"blockdrv-fuzz-{config.seed}.json")
+        path.write_text(json.dumps(result.reproducer(), indent=1))
+        click.echo(f"reproducer written to {path} (run it again with --replay {path})",
+                   err=True)
+        sys.exit(1)

@@ -1,0 +1,273 @@
+"""Drain/reconnect chaos scenarios against real servers, through the fault proxy.
+
+qemu iotests 083 (disconnect at every phase), 264 (restart during I/O), 277 (a write
+re-sent after the server dropped right after its data) and nbd-reconnect-on-open, plus
+the drain and graph scenarios of DESIGN.md section 3, each against the embedded server
+(as a subprocess), nbdkit and qemu-nbd, all on a file so data survives restarts.  Then
+a short seeded fuzz run per server kind.  ``scripts/chaos`` runs the long version.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from support.outcomes import outcome
+from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
+
+from blockdrv import NBDError, State, open_nbd
+from blockdrv.block import TraceFilter, insert_filter
+from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER, FaultProxy
+from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
+from blockdrv.protocol import parse_uri
+
+pytestmark = pytest.mark.interop
+
+MiB = 1024 * 1024
+SERVERS = ["embedded", "nbdkit", "qemu-nbd"]
+
+
+def make_server(kind, directory, image):
+    if kind == "embedded":
+        return EmbeddedServer(directory, "--file", str(image))
+    if kind == "nbdkit":
+        return Nbdkit(directory, "file", str(image))
+    return QemuNbd(directory, image)
+
+
+@asynccontextmanager
+async def rig(kind, tmp_path, *, start=True):
+    """A server on a file, and the fault proxy in front of it."""
+    image = sparse_image(tmp_path / "disk.img", 32 * MiB)
+    (tmp_path / "srv").mkdir()
+    server = make_server(kind, tmp_path / "srv", image)
+    if start:
+        server.start()
+    proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(proxy.serve)
+            yield server, proxy, address
+            proxy.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("direction", [TO_SERVER, TO_CLIENT])
+async def test_iotest_083_disconnect_at_every_phase(kind, direction, tmp_path):
+    """Cut the connection at every byte of the handshake and of the first request:
+    a clean error, never a hang; with a reconnect delay, the request succeeds."""
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        # How far the handshake and one request go, measured once.
+        proxy.cut(direction, 1 << 30, next_connection=True)
+        async with open_nbd(address) as dev:
+            await dev.pread(4096, 0)
+            (link,) = proxy.links
+            total = (1 << 30) - link.cut_after[direction]
+        outcomes = {"ok": 0, "error": 0}
+        for cut in range(0, total + 1):
+            proxy.cut(direction, cut, next_connection=True)
+            with trio.fail_after(30):
+                try:
+                    async with open_nbd(address, reconnect_delay=5,
+                                        retry_initial=0.01) as dev:
+                        assert await dev.pread(4096, 0) == bytes(4096)
+                    outcomes["ok"] += 1
+                except NBDError:
+                    outcomes["error"] += 1
+        # Cuts inside the handshake are clean errors; cuts in the transmission phase
+        # are retried on the next connection, which succeeds.
+        assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_iotest_264_restart_during_io(kind, tmp_path):
+    rng = random.Random(264)
+    shadow = bytearray(8 * MiB)
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(120):
+            async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
+                                retry_max=0.2) as dev:
+
+                async def stream(lane):
+                    for n in range(40):
+                        offset = (lane + 8 * rng.randrange(128)) * 8192
+                        if n % 2:
+                            data = rng.randbytes(8192)
+                            await dev.pwrite(data, offset)
+                            shadow[offset:offset + 8192] = data
+                        else:
+                            got = await dev.pread(8192, offset)
+                            assert got == shadow[offset:offset + 8192]
+
+                async with trio.open_nursery() as nursery:
+                    for lane in range(8):
+                        nursery.start_soon(stream, lane)
+                    await dev.in_flight.wait_value(lambda n: n >= 4)
+                    server.kill()
+                    await dev.wait_state(State.CONNECTING_WAIT)
+                    server.start()
+                assert await dev.pread(8 * MiB, 0) == shadow
+                assert dev.statistics().reconnects >= 1
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_iotest_277_write_resent_after_drop(kind, tmp_path):
+    data = os.urandom(3 * MiB)
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(120):
+            async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
+                                retry_max=0.2) as dev:
+                proxy.cut(TO_CLIENT, 0)  # the server gets the write; its reply is lost
+
+                async def new_server():
+                    await dev.wait_state(State.CONNECTING_WAIT)
+                    server.kill()
+                    server.start()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(new_server)
+                    await dev.pwrite(data, 5 * MiB)
+                assert dev.statistics().retried >= 1
+                assert await dev.pread(3 * MiB, 5 * MiB) == data
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_reconnect_on_open(kind, tmp_path):
+    async with rig(kind, tmp_path, start=False) as (server, proxy, address):
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def come_up():
+                    await proxy.connections.wait_value(lambda n: n >= 2)  # tried twice
+                    server.start()
+
+                nursery.start_soon(come_up)
+                async with open_nbd(address, open_timeout=30, retry_initial=0.05,
+                                    retry_max=0.2) as dev:
+                    assert dev.size == 32 * MiB
+                    assert dev.statistics().connect_attempts >= 3
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_drain_during_an_outage_ends_within_the_delay(kind, tmp_path):
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(60):
+            async with open_nbd(address, reconnect_delay=1.5, retry_initial=0.05) as dev:
+                proxy.stall(30)  # replies stop coming: requests stay in flight
+                outcomes = []
+
+                async def read(i):
+                    await outcome(outcomes, dev.pread, 4096, i * 4096)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(6):
+                        nursery.start_soon(read, i)
+                    await dev.in_flight.wait_value(6)
+                    server.kill()  # the server dies and does not come back
+                    proxy.reset()
+                    start = trio.current_time()
+                    async with dev.drained():
+                        elapsed = trio.current_time() - start
+                        assert dev.in_flight.value == 0
+                assert elapsed < 1.5 + 1.0
+                assert outcomes == ["failed"] * 6  # failed by the delay, not the drain
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_filter_insertion_during_an_outage(kind, tmp_path):
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(60):
+            async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
+                                retry_max=0.2) as dev:
+                await dev.pwrite(b"f" * 4096, 0)
+                server.kill()
+                trace = TraceFilter()
+                results = []
+
+                async def read():
+                    results.append(await dev.pread(4096, 0))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(read)
+                    await dev.wait_state(State.CONNECTING_WAIT)
+                    await dev.in_flight.wait_value(4)
+                    nursery.start_soon(insert_filter, dev, trace)
+                    await dev._drains.wait_value(1)  # the insertion waits in its drain
+                    server.start()
+                assert results == [b"f" * 4096] * 4  # the old path, after the restart
+                assert dev._proxies == [trace] and len(trace.records) == 0
+                await dev.pread(4096, 0)
+                assert len(trace.records) == 1  # the new path
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_more_requests_than_max_in_flight_when_the_server_dies(kind, tmp_path):
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(60):
+            async with open_nbd(address, max_in_flight=4, reconnect_delay=20,
+                                retry_initial=0.05, retry_max=0.2) as dev:
+                await dev.pwrite(os.urandom(MiB), 0)
+                proxy.stall(30)
+                done = []
+
+                async def read(i):
+                    await dev.pread(16384, i * 16384)
+                    done.append(i)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(32):
+                        nursery.start_soon(read, i)
+                    await dev.in_flight.wait_value(32)
+                    server.kill()
+                    proxy.clear()
+                    proxy.reset()
+                    await dev.wait_state(State.CONNECTING_WAIT)
+                    server.start()
+                assert sorted(done) == list(range(32))
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
+    async with rig(kind, tmp_path) as (server, proxy, address):
+        with trio.fail_after(60):
+            async with open_nbd(address, reconnect_delay=30, retry_initial=0.05) as dev:
+                server.kill()
+                outcomes = []
+
+                async def read(i):
+                    await outcome(outcomes, dev.pread, 4096, i * 4096)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(4):
+                        nursery.start_soon(read, i)
+                    await dev.wait_state(State.CONNECTING_WAIT)
+                    await dev.in_flight.wait_value(4)
+                    drained = trio.Event()
+
+                    async def drain():
+                        async with dev.drained():
+                            drained.set()
+
+                    nursery.start_soon(drain)
+                    await dev._drains.wait_value(1)
+                    start = trio.current_time()
+                    dev.cancel_in_flight()
+                    await drained.wait()
+                    assert trio.current_time() - start < 1  # not after 30 s
+                assert outcomes == ["failed"] * 4
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_short_fuzz_run(kind):
+    config = FuzzConfig(server=kind, seed=SERVERS.index(kind) + 100, duration=8,
+                        size=16 * MiB, fault_interval=0.5)
+    result = await FuzzRun(config).run()
+    assert result.ok, result.violations
+    assert result.ops_total > 500
+    assert sum(result.faults_by_kind.values()) > 5

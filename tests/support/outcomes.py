@@ -1,0 +1,17 @@
+"""Record how concurrent requests ended, for tests that expect some to fail."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from blockdrv import ConnectionLostError
+
+
+async def outcome(outcomes: list[str], call: Callable[..., Awaitable[Any]], *args: Any,
+                  expected: type[BaseException] = ConnectionLostError) -> None:
+    """Run ``call(*args)``; append "ok", or "failed" if it raised ``expected``."""
+    try:
+        await call(*args)
+        outcomes.append("ok")
+    except expected:
+        outcomes.append("failed")

@@ -1,0 +1,208 @@
+"""blockdrv-fuzz: the fault proxy, the observer, the model, and the checker checking itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+from support.peers import EmbeddedServer, Nbdkit
+
+from blockdrv import ConnectionLostError, ProtocolError, State, open_nbd
+from blockdrv.fuzz.model import Model
+from blockdrv.fuzz.observer import StreamObserver
+from blockdrv.fuzz.proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER, FaultProxy
+from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
+from blockdrv.protocol import parse_uri, wire
+
+MiB = 1024 * 1024
+
+pytestmark = pytest.mark.interop
+
+
+async def test_proxy_forwards_and_cuts_in_both_directions(tmp_path):
+    with Nbdkit(tmp_path, "memory", "16M") as server, trio.fail_after(60):
+        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(proxy.serve)
+            for direction in (TO_SERVER, TO_CLIENT):
+                async with open_nbd(address, reconnect_delay=0) as dev:
+                    await dev.pwrite(b"p" * 4096, 0)
+                    assert await dev.pread(4096, 0) == b"p" * 4096
+                    proxy.cut(direction, 10)  # part-way into the next message
+                    with pytest.raises(ConnectionLostError):
+                        await dev.pread(65536, 0)
+            assert proxy.injected["cut-to-server"] == proxy.injected["cut-to-client"] == 1
+            proxy.close()
+
+
+async def test_proxy_reset_stall_and_delay(tmp_path):
+    with Nbdkit(tmp_path, "memory", "16M") as server, trio.fail_after(60):
+        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(proxy.serve)
+            async with open_nbd(address, reconnect_delay=5, retry_initial=0.05) as dev:
+                proxy.reset()
+                await dev.pread(512, 0)  # reconnected through the proxy
+                assert dev.statistics().reconnects == 1
+                proxy.stall(0.3)
+                start = trio.current_time()
+                await dev.pread(512, 0)
+                assert trio.current_time() - start >= 0.25
+                proxy.delay(0.05, 1)
+                start = trio.current_time()
+                await dev.pread(512, 0)
+                assert trio.current_time() - start >= 0.09  # both directions held
+            assert proxy.injected["reset"] == 1
+            proxy.close()
+
+
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+@pytest.mark.parametrize("server_kind", ["nbdkit", "nbdkit-no-sr", "embedded"])
+async def test_proxy_malformed_reply_is_a_protocol_error(kind, server_kind, tmp_path):
+    peer = {"nbdkit": lambda: Nbdkit(tmp_path, "memory", "16M"),
+            "nbdkit-no-sr": lambda: Nbdkit(tmp_path, "--no-sr", "memory", "16M"),
+            "embedded": lambda: EmbeddedServer(tmp_path, "--memory", "16M")}[server_kind]()
+    with peer as server, trio.fail_after(60):
+        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(proxy.serve)
+            async with open_nbd(address, reconnect_delay=5) as dev:
+                await dev.pwrite(b"m" * 8192, 0)
+                proxy.malformed(kind)
+                with pytest.raises(ProtocolError):
+                    for _ in range(10):  # injected before the next reply
+                        assert await dev.pread(8192, 0) == b"m" * 8192
+                assert dev.state is State.QUIT
+            assert proxy.injected["malformed"] == 1
+            proxy.close()
+
+
+def test_observer_finds_reply_boundaries():
+    observer = StreamObserver()
+    from blockdrv.protocol.constants import HandshakeFlag, Option, OptionReply
+    from blockdrv.protocol.options import (
+        encode_client_flags,
+        encode_greeting,
+        encode_info_export,
+        encode_info_request,
+        encode_option,
+        encode_option_reply,
+    )
+
+    assert observer.server_data(encode_greeting(HandshakeFlag.FIXED_NEWSTYLE)) == []
+    observer.client_data(encode_client_flags(1) + encode_option(Option.STRUCTURED_REPLY))
+    observer.server_data(encode_option_reply(Option.STRUCTURED_REPLY, OptionReply.ACK))
+    observer.client_data(encode_option(Option.GO, encode_info_request("")))
+    observer.server_data(encode_option_reply(Option.GO, OptionReply.INFO,
+                                             encode_info_export(MiB, 1))
+                         + encode_option_reply(Option.GO, OptionReply.ACK))
+    assert observer.transmission and observer.structured and not observer.extended
+    observer.client_data(wire.encode_request(0, 0, 7, 0, 1000))
+    assert observer.in_flight == {7: (0, 1000)}
+    reply = wire.encode_data_chunk_header(7, 0, 1000, done=True) + bytes(1000)
+    assert observer.server_data(reply[:100]) == []
+    assert not observer.at_boundary
+    assert observer.server_data(reply[100:]) == [len(reply) - 100]
+    assert observer.at_boundary and observer.in_flight == {}
+
+
+def test_model_tracks_known_and_unknown():
+    model = Model(64 * 4096)
+    model.written(4096, b"x" * 8192)
+    assert model.check_read(0, bytes(4096) + b"x" * 8192) is None
+    assert model.check_read(4096, b"y" * 4096).offset == 4096
+    model.unknown(4096, 4096)
+    assert model.check_read(4096, b"y" * 4096) is None
+    assert model.check_extents(0, 8192, [(0, 4096, 3), (4096, 4096, 0)]) is None
+    assert "claims zeroes" in model.check_extents(8192, 4096, [(8192, 4096, 2)])
+    assert "tile" in model.check_extents(0, 8192, [(0, 4096, 0), (8000, 192, 0)])
+
+
+# --- the checker checks itself: a broken server must fail the run -------------------------
+
+
+def fuzz(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockdrv.fuzz", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("faults", ["lose-writes", "stale-reads"])
+def test_a_server_that_loses_or_stales_data_fails_the_run(faults, tmp_path):
+    report = tmp_path / "out.json"
+    repro = tmp_path / "repro.json"
+    out = fuzz("--seed", "3", "--ops", "1500", "--faults", faults, "--size", "8M",
+               "--quiet", "--json", str(report), "--reproducer", str(repro))
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(report.read_text())
+    assert summary["violations"] and "VIOLATION" in out.stderr
+    violation = summary["violations"][0]
+    assert set(violation) == {"operation", "expected", "found"}
+    # The reproducer runs again and fails again.
+    again = fuzz("--replay", str(repro), "--quiet", "--reproducer", str(tmp_path / "r2.json"))
+    assert again.returncode == 1 and "VIOLATION" in again.stderr
+
+
+def test_nbdkit_null_fails_the_run(tmp_path):
+    out = fuzz("--server-cmd", "nbdkit --foreground --unix {socket} null 8M", "--ops", "800",
+               "--faults", "none", "--size", "8M", "--quiet",
+               "--reproducer", str(tmp_path / "r.json"))
+    assert out.returncode == 1
+    assert "VIOLATION" in out.stderr
+
+
+def test_a_good_short_run_passes_and_writes_the_figures(tmp_path):
+    report = tmp_path / "out.json"
+    out = fuzz("--seed", "5", "--ops", "2000", "--size", "8M", "--quiet", "--json",
+               str(report))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(report.read_text())
+    for key in ("seed", "ops_total", "faults_injected", "faults_by_kind", "reconnects",
+                "drains", "graph_changes", "violations"):
+        assert key in summary
+    assert summary["ops_total"] == 2000 and summary["violations"] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--faults", "bogus"], "unknown fault 'bogus'"),
+    (["--duration", "1", "--ops", "5"], "not both"),
+    (["--reconnect-delay", "2"], "reconnect_delay"),
+])
+def test_bad_arguments(args, message):
+    out = fuzz(*args, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_run_object_reports_a_table_worth_of_figures():
+    config = FuzzConfig(seed=9, ops=600, size=4 * MiB, fault_interval=0.2)
+    result = await FuzzRun(config).run()
+    assert result.ok, result.violations
+    assert result.ops_total == 600 and result.latency(0.5) > 0
+
+
+async def test_watchdog_turns_a_hang_into_a_report(autojump_clock):
+    from blockdrv.fuzz.watchdog import Watchdog
+
+    reports = []
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            victim = trio.CancelScope()
+            dog = Watchdog(10, victim, reports.append)
+            nursery.start_soon(dog.run)
+
+            async def stuck_somewhere_specific():
+                await trio.Event().wait()  # nobody will ever set it
+
+            with victim:
+                for _ in range(5):  # progress keeps it quiet ...
+                    await trio.sleep(5)
+                    dog.progress()
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(stuck_somewhere_specific)
+            assert victim.cancelled_caught and dog.fired
+            assert trio.current_time() >= 25 + 10
+    (tree,) = reports
+    assert any("stuck_somewhere_specific" in line for line in tree)
