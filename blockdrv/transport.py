@@ -76,8 +76,18 @@ async def open_stream(address: NBDAddress, *,
     return stream
 
 
-def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    return stream.socket if isinstance(stream, trio.SocketStream) else None
+def _raw_socket(stream: trio.abc.Stream) -> _stdlib_socket.socket | None:
+    """The stdlib (non-blocking) socket under a trio SocketStream, or None.
+
+    trio's socket methods each add a scheduler trip; the channel calls the non-blocking
+    socket directly and waits with :func:`trio.lowlevel.wait_readable` /
+    :func:`~trio.lowlevel.wait_writable` only when the kernel says it would block, which
+    is how trio's own socket layer works underneath.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    raw = getattr(stream.socket, "_sock", None)  # what trio wraps (from_stdlib_socket)
+    return raw if isinstance(raw, _stdlib_socket.socket) else None
 
 
 class Channel:
@@ -129,9 +139,15 @@ class Channel:
 
     async def _recv_into(self, view: memoryview) -> int:
         """One read into ``view``; returns the count, raises TransportError on EOF."""
+        sock = self._sock
         try:
-            if self._sock is not None:
-                n = await self._sock.recv_into(view, len(view))
+            if sock is not None:
+                while True:
+                    try:
+                        n = sock.recv_into(view)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
             else:
                 data = await self.stream.receive_some(len(view))
                 n = len(data)
@@ -237,10 +253,15 @@ class Channel:
         """Send every buffer, in order, as one scatter-gather write where possible."""
         sent_any = False
         try:
-            if self._sock is not None:
+            sock = self._sock
+            if sock is not None:
                 views: list[memoryview] = [memoryview(b).cast("B") for b in buffers if len(b)]
                 while views:
-                    n = await self._sock.sendmsg(views)
+                    try:
+                        n = sock.sendmsg(views)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
                     sent_any = True
                     self.bytes_sent += n
                     views = _advance(views, n)
@@ -270,7 +291,7 @@ class Channel:
             sock = _raw_socket(inner) if inner is not None else None
         if sock is not None:
             try:
-                sock.shutdown(_stdlib_socket.SHUT_RDWR)
+                sock.shutdown(_stdlib_socket.SHUT_RDWR)  # blocked waiters see EOF/EPIPE
             except OSError:
                 pass
             return

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from support.inprocess import URI, InProcessServer
 from support.outcomes import outcome
-from support.streams import CountingStream, CuttingStream, Gate, unbuffered_pair
+from support.streams import CountingStream, CuttingStream, Gate, LateStream, unbuffered_pair
 
 from blockdrv import (
     ConnectError,
@@ -58,20 +58,13 @@ async def wait_until_waiting(dev, count: int) -> None:
 
 
 async def test_no_task_reads_an_idle_connection(autojump_clock):
-    streams = []
-
     with trio.fail_after(5000):
         async with trio.open_nursery() as nursery:
             srv = InProcessServer(nursery, disk())
-
-            async def counted():
-                stream = CountingStream(await srv.connect())
-                streams.append(stream)
-                return stream
-
+            counted = srv.wrapped_connect(CountingStream)
             async with open_nbd(URI, stream_factory=counted, reconnect_delay=5) as dev:
                 await dev.pwrite(b"x" * 4096, 0)
-                (first,) = streams
+                (first,) = srv.streams
                 await trio.testing.wait_all_tasks_blocked()
                 reads = first.receives
                 await trio.sleep(3600)  # an hour of idleness: nobody touches the socket
@@ -374,16 +367,10 @@ async def _handshake_bytes() -> tuple[int, int]:
     """How many bytes each way a full open + one 4096-byte read takes."""
     async with trio.open_nursery() as nursery:
         srv = InProcessServer(nursery, disk())
-        streams = []
-
-        async def counted():
-            stream = CuttingStream(await srv.connect())
-            streams.append(stream)
-            return stream
-
-        async with open_nbd(URI, stream_factory=counted) as dev:
+        async with open_nbd(URI, stream_factory=srv.wrapped_connect(CuttingStream)) as dev:
             await dev.pread(4096, 0)
-            counts = streams[0].sent, streams[0].received  # (before the closing DISC)
+            first = srv.streams[0]
+            counts = first.sent, first.received  # (before the closing DISC)
         nursery.cancel_scope.cancel()
     return counts
 
@@ -792,6 +779,53 @@ async def test_eshutdown_reply_is_a_soft_disconnect_then_a_retry(autojump_clock)
             await dev.pwrite(b"s" * 512, 0)
             assert await dev.pread(512, 0) == b"s" * 512
             assert dev.statistics().reconnects == 1
+
+
+async def test_a_reply_header_that_arrives_after_the_connection_failed(autojump_clock):
+    """A task waiting for the next header when another task's send is cancelled part-way
+    (the connection is then dead) may still receive bytes that were on their way: the
+    reply of a request that has already given up on that connection and left.  That is
+    a lost connection (retry), not a server replying with an unknown cookie."""
+    export = disk()
+    export.faults.delay("read", 1000)  # the read's own reply comes much later
+    results: dict[str, object] = {}
+    with trio.fail_after(60_000):
+        async with trio.open_nursery() as nursery:
+            srv = InProcessServer(nursery, export)
+            late = srv.wrapped_connect(LateStream)
+            async with open_nbd(URI, stream_factory=late, reconnect_delay=600) as dev:
+                await dev.pwrite(b"r" * 4096, 0)
+                first = srv.streams[0]
+                assert isinstance(first, LateStream)
+                released = first.hold_next_receive()
+                writer = trio.CancelScope()
+
+                async def read():
+                    results["read"] = await dev.pread(4096, 0)
+
+                async def flush():
+                    await dev.flush()
+                    results["flush"] = True
+
+                async def write():
+                    with writer:
+                        await dev.pwrite(b"w" * 4096, 8192)
+
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(read)  # waits for the next header, on `first`
+                    await trio.testing.wait_all_tasks_blocked()
+                    tasks.start_soon(flush)  # its reply is what `first` now holds back
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert first.holding
+                    first.stall_next_send(10)
+                    tasks.start_soon(write)
+                    await trio.testing.wait_all_tasks_blocked()
+                    writer.cancel()  # the write header went out in part: connection dead
+                    await trio.testing.wait_all_tasks_blocked()
+                    released.set()  # the reader now gets the flush's (stale) header
+                assert writer.cancelled_caught
+                assert results == {"read": b"r" * 4096, "flush": True}
+                assert dev.state is State.CONNECTED and dev.statistics().reconnects == 1
 
 
 # 16 ------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_nbdkit_null_fails_the_run(tmp_path):
 def test_a_good_short_run_passes_and_writes_the_figures(tmp_path):
     report = tmp_path / "out.json"
     out = fuzz("--seed", "5", "--ops", "2000", "--size", "8M", "--quiet", "--json",
-               str(report))
+               str(report), "--reproducer", str(tmp_path / "repro.json"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(report.read_text())
     for key in ("seed", "ops_total", "faults_injected", "faults_by_kind", "reconnects",

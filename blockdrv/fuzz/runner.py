@@ -62,6 +62,7 @@ from ..block import (
     insert_filter,
     remove_filter,
 )
+from ..latency import quantile
 from ..nbd import NBDDevice, State, open_nbd
 from ..protocol.errors import ConnectionLostError, ProtocolError, RequestError
 from .model import Model, RangeLocks
@@ -168,11 +169,8 @@ class FuzzResult:
     def ops_total(self) -> int:
         return sum(self.ops_by_kind.values())
 
-    def latency(self, quantile: float) -> float:
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+    def latency(self, q: float) -> float:
+        return quantile(self.latencies, q)
 
     def summary(self) -> dict[str, Any]:
         """The figures as ``--json`` writes them."""
@@ -378,29 +376,38 @@ class FuzzRun:
 
     async def _supervise(self) -> None:
         """Keep a device open; reopen it after a malformed reply killed it."""
-        assert self.proxy is not None
         while True:
-            async with open_nbd(self.proxy.address, reconnect_delay=self.config.reconnect_delay,
-                                open_timeout=self.config.reconnect_delay,
-                                retry_initial=0.1, retry_max=1.0,
-                                max_in_flight=self.config.max_in_flight,
-                                cancel_timeout=self.config.bound / 2) as device:
-                self.generation += 1
-                dead = trio.Event()
-                self._dead = (self.generation, dead)
-                self.malformed_at_open[self.generation] = self.proxy.injected["malformed"]
-                self.filters = []
-                self.device_value.value = device
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch_quit, device, self.generation)
-                        await dead.wait()
-                        nursery.cancel_scope.cancel()
-                finally:
-                    self._account(device)
+            try:
+                await self._one_device()
+            except ConnectionLostError as exc:  # could not (re)open: report, try again
+                assert self.server is not None
+                self._violation("open the device", "opened within reconnect_delay "
+                                f"({self.config.reconnect_delay:g}s)",
+                                f"{exc}; server log: {self.server.log()[-800:]!r}")
             if self.done.is_set():
                 return
             self.result.reopens += 1
+
+    async def _one_device(self) -> None:
+        assert self.proxy is not None
+        async with open_nbd(self.proxy.address, reconnect_delay=self.config.reconnect_delay,
+                            open_timeout=self.config.reconnect_delay,
+                            retry_initial=0.1, retry_max=1.0,
+                            max_in_flight=self.config.max_in_flight,
+                            cancel_timeout=self.config.bound / 2) as device:
+            self.generation += 1
+            dead = trio.Event()
+            self._dead = (self.generation, dead)
+            self.malformed_at_open[self.generation] = self.proxy.injected["malformed"]
+            self.filters = []
+            self.device_value.value = device
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_quit, device, self.generation)
+                    await dead.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._account(device)
 
     def _account(self, device: NBDDevice) -> None:
         stats = device.statistics()

@@ -142,17 +142,18 @@ class _Slot:
     cancelled read picks up exactly where it stopped.
     """
 
-    __slots__ = ("cookie", "epoch", "wire", "reply", "buffer", "wake", "receiving",
+    __slots__ = ("cookie", "epoch", "wire", "channel", "reply", "buffer", "task", "receiving",
                  "extents", "chunk", "kind", "at", "left", "payload")
 
-    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, reply: ReplyState,
-                 buffer: memoryview | None) -> None:
+    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, channel: Channel,
+                 reply: ReplyState, buffer: memoryview | None) -> None:
         self.cookie = cookie
         self.epoch = epoch
         self.wire = wire  # the negotiation of the connection it was sent on
+        self.channel = channel  # that connection: its reply is read from there only
         self.reply = reply
         self.buffer = buffer  # READ destination; None: discard the data
-        self.wake: trio.Event | None = None
+        self.task: trio.lowlevel.Task | None = None  # the request's task, while asleep
         self.receiving = False  # sleeping until its reply is current
         self.extents: dict[int, list[tuple[int, int]]] = {}
         self.chunk: ReplyHeader | None = None  # being consumed right now
@@ -203,6 +204,7 @@ class NBDDevice(BlockNode):
         self._admitted = 0  # qemu's s->in_flight: admitted attempts
         self._slots: list[_Slot | None] = [None] * max_in_flight
         self._next_slot = 0
+        self._limits: dict[tuple[Command, int], int] = {}  # allowed (command, flags)
         self._current: ReplyHeader | None = None  # qemu's s->reply
         self._channel: Channel | None = None
         self._wire: ExportInfo | None = None  # this connection's negotiation
@@ -565,10 +567,11 @@ class NBDDevice(BlockNode):
             reply = ReplyState(command, offset, length, flags, structured=wire.structured,
                                extended=wire.extended,
                                context_ids=frozenset(wire.contexts.values()))
-            slot = self._slots[index] = _Slot(index + 1, epoch, wire, reply, buffer)
+            slot = self._slots[index] = _Slot(index + 1, epoch, wire, channel, reply, buffer)
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
-            async with self.send_mutex:
+            await _lock(self.send_mutex)
+            try:
                 if epoch != self._epoch or not self._connected() or channel.broken:
                     raise _TransportFailure("connection lost before sending")
                 if digest is not None and payload is not None:
@@ -585,6 +588,8 @@ class NBDDevice(BlockNode):
                     if channel.broken:  # cancelled part-way: the stream is out of step
                         self._channel_failed(epoch, "a send was cancelled part-way")
                     raise
+            finally:
+                self.send_mutex.release()
             return slot
         except BaseException:
             if slot is not None:
@@ -627,12 +632,9 @@ class NBDDevice(BlockNode):
                 await self._receive_chunks(slot)
             except (_TransportFailure, NBDError):
                 pass
-        if shield.cancelled_caught:
+        if shield.cancelled_caught:  # (this also lets go of the current reply, if ours)
             self._channel_failed(slot.epoch, "the reply of a cancelled request did not "
                                              "arrive in time")
-            if self._current is not None and self._current.cookie == slot.cookie:
-                self._current = None
-                self._wake_one_receiver()
 
     async def _receive_chunks(self, slot: _Slot) -> None:
         """Consume chunks until the reply is finished (resumable after cancellation)."""
@@ -645,8 +647,10 @@ class NBDDevice(BlockNode):
                 raise _TransportFailure(str(exc)) from None
             except ProtocolError as exc:
                 raise self._protocol_violation(exc) from None
-            self._current = None
-            self._wake_one_receiver()
+            if self._current is header:  # (not if the connection failed meanwhile)
+                self._current = None
+                if slot.reply.done:  # leaving: hand the stream on (else read on ourselves)
+                    self._wake_one_receiver()
 
     def _check_alive(self, slot: _Slot) -> None:
         if self._fatal is not None:
@@ -667,12 +671,13 @@ class NBDDevice(BlockNode):
             if self.receive_mutex.locked():
                 await self._sleep(slot)  # someone is reading the next header
                 continue
-            async with self.receive_mutex:
+            await _lock(self.receive_mutex)
+            try:
                 self._check_alive(slot)
                 if self._current is not None:
                     continue
                 try:
-                    header = await self._read_header(slot.epoch)
+                    header = await self._read_header(slot)
                 except BaseException:
                     self._wake_one_receiver()  # somebody else must read the stream now
                     raise
@@ -680,22 +685,27 @@ class NBDDevice(BlockNode):
                 self._current = header
                 if owner is not slot:
                     self._wake(owner)
+            finally:
+                self.receive_mutex.release()
 
-    async def _read_header(self, epoch: int) -> ReplyHeader:
-        channel, wire = self._channel, self._wire
-        assert channel is not None and wire is not None
+    async def _read_header(self, slot: _Slot) -> ReplyHeader:
+        """The next reply header on ``slot``'s connection (which is the current one)."""
+        channel, wire = slot.channel, slot.wire
         try:
             head = await channel.peek(4)  # cancellation-safe: nothing is consumed yet
             size = reply_header_size(head, structured=wire.structured,
                                      extended=wire.extended)
             header = decode_reply_header(await channel.peek(size))
             channel.consume(size)
-            return header
         except TransportError as exc:
-            self._channel_failed(epoch, exc)
+            self._channel_failed(slot.epoch, exc)
             raise _TransportFailure(str(exc)) from None
         except ProtocolError as exc:
             raise self._protocol_violation(exc) from None
+        # The connection may have failed while we waited (a send cancelled part-way):
+        # bytes that were already on their way still arrive, but their request is gone.
+        self._check_alive(slot)
+        return header
 
     def _owner(self, header: ReplyHeader) -> _Slot:
         index = header.cookie - 1
@@ -707,18 +717,23 @@ class NBDDevice(BlockNode):
             f"server replied with unknown cookie {header.cookie}"))
 
     async def _sleep(self, slot: _Slot) -> None:
-        slot.wake = trio.Event()
+        """Sleep until ``_wake(slot)`` (qemu's qemu_coroutine_yield in the receive loop)."""
+        slot.task = trio.lowlevel.current_task()
         slot.receiving = True
-        try:
-            await slot.wake.wait()
-        finally:
-            slot.receiving = False
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            slot.receiving = False  # cancelled while asleep: nobody may wake us now
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     @staticmethod
     def _wake(slot: _Slot) -> None:
-        if slot.receiving and slot.wake is not None:
+        """Wake a sleeping receiver (qemu's aio_co_wake)."""
+        if slot.receiving:
             slot.receiving = False
-            slot.wake.set()
+            assert slot.task is not None
+            trio.lowlevel.reschedule(slot.task)
 
     def _wake_one_receiver(self) -> None:
         for slot in self._slots:
@@ -737,8 +752,7 @@ class NBDDevice(BlockNode):
         Resumable: progress lives in the slot and every read is either a peek
         (nothing consumed until it completes) or a partial read whose count is saved.
         """
-        channel, reply = self._channel, slot.reply
-        assert channel is not None
+        channel, reply = slot.channel, slot.reply
         if slot.chunk is not header:  # first visit: validate the header once
             slot.chunk, slot.kind, slot.payload = header, "", None
             if header.simple:
@@ -804,15 +818,24 @@ class NBDDevice(BlockNode):
 
     def _pieces(self, command: Command, offset: int, count: int,
                 flags: int = 0) -> list[tuple[int, int]]:
-        """(offset, length) pieces of a request, checked, each within the server's limit."""
-        if count < 0 or offset < 0:
-            raise InvalidArgumentError(f"{command.name}: negative offset or count")
+        """(offset, length) pieces of a request, checked, each within the server's limit.
+
+        Whether the export allows a (command, flags) pair is checked once and cached;
+        after that only the range and alignment are checked, with plain integers.
+        """
+        limit = self._limits.get((command, flags))
+        if limit is None:
+            check_request(self.info, command, 0, 0, flags)  # raises if never allowed
+            limit = self._limits[(command, flags)] = self.info.max_length(command, flags)
         info = self.info
-        limit = info.max_length(command, flags)
-        pieces = [(offset + pos, min(limit, count - pos)) for pos in range(0, count, limit)]
-        for at, n in pieces or [(offset, 0)]:
-            check_request(info, command, at, n, flags)
-        return pieces
+        align = info.min_block
+        if offset < 0 or count < 0 or offset + count > info.size or offset % align \
+                or count % align:
+            check_request(info, command, offset, count if count <= limit else limit, flags)
+            raise InvalidArgumentError(f"{command.name}: bad range {offset}+{count}")
+        if count <= limit:
+            return [(offset, count)]
+        return [(offset + pos, min(limit, count - pos)) for pos in range(0, count, limit)]
 
     async def pread(self, count: int, offset: int) -> bytes:
         """Read ``count`` bytes at ``offset``."""
@@ -846,7 +869,7 @@ class NBDDevice(BlockNode):
             await self._request(Command.TRIM, at, n, flags)
 
     async def _do_flush(self) -> None:
-        check_request(self.info, Command.FLUSH, 0, 0)
+        self._pieces(Command.FLUSH, 0, 0)
         await self._request(Command.FLUSH, 0, 0)
 
     async def _do_cache(self, count: int, offset: int) -> None:
@@ -882,6 +905,14 @@ class NBDDevice(BlockNode):
                 if pos >= end:
                     break
         return extents
+
+
+async def _lock(lock: trio.Lock) -> None:
+    """Acquire ``lock`` without a scheduler trip when it is free (the common case)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 def _fill_zeroes(view: memoryview) -> None:

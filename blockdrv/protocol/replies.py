@@ -53,6 +53,9 @@ from .wire import (
 )
 
 _CONTENT = (ChunkType.OFFSET_DATA, ChunkType.OFFSET_HOLE)
+# Plain ints: ``int & IntFlag`` goes through the enum's reflected operator (slow).
+_DF = int(CommandFlag.DF)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
 
 
 def _command_name(command: int) -> str:
@@ -131,7 +134,7 @@ class ReplyState:
         elif type_ == ChunkType.OFFSET_DATA or type_ == ChunkType.OFFSET_HOLE:
             if self.command != Command.READ:
                 raise self._violation(f"{ChunkType(type_).name} chunk for a non-READ request")
-            if self._content_chunks and self.flags & CommandFlag.DF:
+            if self._content_chunks and self.flags & _DF:
                 raise self._violation("second content chunk despite DF (don't fragment)")
             if type_ == ChunkType.OFFSET_HOLE:
                 if length != 12:
@@ -187,7 +190,7 @@ class ReplyState:
             raise self._violation("block status chunk without extents")
         if any(length == 0 for length, _ in extents):
             raise self._violation("block status extent of length 0")
-        if self.flags & CommandFlag.REQ_ONE:
+        if self.flags & _REQ_ONE:
             if len(extents) != 1 or extents[0][0] > self.length:
                 raise self._violation("more than one extent, or a longer one, despite "
                                       "REQ_ONE")

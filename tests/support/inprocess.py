@@ -7,7 +7,7 @@ Nothing waits for real I/O, so tests can use the autojump clock; ``kill()`` and
 from __future__ import annotations
 
 import errno
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 import trio.testing
@@ -27,6 +27,7 @@ class InProcessServer:
         self.up = True
         self.connections = 0
         self.accepted = trio.Event()  # set on each accepted connection (then renewed)
+        self.streams: list[trio.abc.Stream] = []  # what wrapped_connect() handed out
 
     async def connect(self) -> trio.abc.Stream:
         """The stream factory for open_nbd(stream_factory=...)."""
@@ -39,6 +40,15 @@ class InProcessServer:
         self.accepted.set()
         self.accepted = trio.Event()
         return client
+
+    def wrapped_connect(self, wrap: Callable[[trio.abc.Stream], trio.abc.Stream]
+                        ) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        """A stream factory handing out ``wrap(stream)``; each is kept in ``streams``."""
+        async def connect() -> trio.abc.Stream:
+            stream = wrap(await self.connect())
+            self.streams.append(stream)
+            return stream
+        return connect
 
     def kill(self) -> None:
         """The server dies: connections drop, new ones are refused."""

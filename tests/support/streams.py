@@ -1,4 +1,5 @@
-"""Test streams: count reads, cut a connection at a byte offset, gate a direction.
+"""Test streams: count reads, cut a connection at a byte offset, gate a direction,
+deliver bytes late.
 
 All are trio.abc.Stream wrappers or pairs built on trio.testing memory streams, so they
 work with the autojump clock.
@@ -10,30 +11,20 @@ import trio
 import trio.testing
 
 
-class CountingStream(trio.abc.Stream):
-    """Counts receive_some calls and bytes, to prove nobody reads an idle connection."""
+class WrappedStream(trio.abc.Stream):
+    """A stream around ``inner``: passes everything through; subclasses change a part."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
-        self.receives = 0
-        self.received = 0
-        self.waiting = 0  # receive_some calls in progress right now
 
     async def send_all(self, data) -> None:  # type: ignore[no-untyped-def]
         await self.inner.send_all(data)
 
+    async def receive_some(self, max_bytes=None) -> bytes:  # type: ignore[no-untyped-def]
+        return await self.inner.receive_some(max_bytes)
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes=None) -> bytes:  # type: ignore[no-untyped-def]
-        self.receives += 1
-        self.waiting += 1
-        try:
-            data = await self.inner.receive_some(max_bytes)
-        finally:
-            self.waiting -= 1
-        self.received += len(data)
-        return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -46,13 +37,33 @@ class CountingStream(trio.abc.Stream):
                 close()
 
 
-class CuttingStream(trio.abc.Stream):
+class CountingStream(WrappedStream):
+    """Counts receive_some calls and bytes, to prove nobody reads an idle connection."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.receives = 0
+        self.received = 0
+        self.waiting = 0  # receive_some calls in progress right now
+
+    async def receive_some(self, max_bytes=None) -> bytes:  # type: ignore[no-untyped-def]
+        self.receives += 1
+        self.waiting += 1
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        finally:
+            self.waiting -= 1
+        self.received += len(data)
+        return data
+
+
+class CuttingStream(WrappedStream):
     """Passes bytes through until ``send_limit`` / ``receive_limit`` bytes moved in that
     direction, then breaks the connection (as if the peer died mid-message)."""
 
     def __init__(self, inner: trio.abc.Stream, *, send_limit: int | None = None,
                  receive_limit: int | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.send_limit = send_limit
         self.receive_limit = receive_limit
         self.sent = 0
@@ -77,9 +88,6 @@ class CuttingStream(trio.abc.Stream):
         await self.inner.send_all(data)
         self.sent += len(data)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
     async def receive_some(self, max_bytes=None) -> bytes:  # type: ignore[no-untyped-def]
         if self.cut:
             return b""
@@ -92,16 +100,6 @@ class CuttingStream(trio.abc.Stream):
         data = await self.inner.receive_some(max_bytes)
         self.received += len(data)
         return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def close(self) -> None:
-        for part in (self.inner, getattr(self.inner, "send_stream", None),
-                     getattr(self.inner, "receive_stream", None)):
-            close = getattr(part, "close", None)
-            if close is not None:
-                close()
 
 
 class Gate:
@@ -148,3 +146,43 @@ def unbuffered_pair(gate: Gate) -> tuple[trio.StapledStream, trio.StapledStream]
     client = trio.StapledStream(c2s_send, s2c_receive)
     server = trio.StapledStream(s2c_send, GatedReceiveStream(c2s_receive, gate))
     return client, server
+
+
+class LateStream(WrappedStream):
+    """Bytes that were already on their way when the connection failed.
+
+    :meth:`hold_next_receive`: the next receive gets its data, then returns it only when
+    ``released`` is set, whatever happened meanwhile (a real socket keeps what arrived
+    before a shutdown, and trio yields after every successful receive).
+    :meth:`stall_next_send`: the next send_all sends ``n`` bytes, then waits forever (a
+    full socket buffer), so cancelling it leaves a message sent in part.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.released: trio.Event | None = None
+        self.holding = False  # a receive has its data and waits for ``released``
+        self.stall_after: int | None = None
+
+    def hold_next_receive(self) -> trio.Event:
+        self.released = trio.Event()
+        return self.released
+
+    def stall_next_send(self, n: int) -> None:
+        self.stall_after = n
+
+    async def send_all(self, data) -> None:  # type: ignore[no-untyped-def]
+        if self.stall_after is not None:
+            n, self.stall_after = self.stall_after, None
+            await self.inner.send_all(bytes(data)[:n])
+            await trio.sleep_forever()
+        await self.inner.send_all(data)
+
+    async def receive_some(self, max_bytes=None) -> bytes:  # type: ignore[no-untyped-def]
+        released, self.released = self.released, None
+        data = await self.inner.receive_some(max_bytes)
+        if released is not None:
+            self.holding = True
+            await released.wait()
+            self.holding = False
+        return data
