@@ -141,6 +141,63 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         server.close()
 
 
+@main.command()
+@click.argument("uri")
+@click.option("--pattern", type=click.Choice(["read", "write", "mixed"]), default="read",
+              show_default=True, help="mixed: half reads, half writes in flight together.")
+@click.option("--size", "request_size", type=SIZE, default="4K", show_default=True,
+              help="Request size.")
+@click.option("--depth", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Requests in flight.")
+@click.option("--duration", type=float, default=10.0, show_default=True,
+              help="Seconds to run (unless --count).")
+@click.option("--count", type=click.IntRange(1), help="Run exactly this many requests.")
+@click.option("--span", type=SIZE, help="Bytes of the export to cycle over (default all).")
+@click.option("--socket-buffer", type=SIZE, help="SO_SNDBUF/SO_RCVBUF for the socket.")
+@click.option("--drains", type=click.IntRange(0), default=0,
+              help="Enter this many drained sections during the run and report how long "
+                   "each took to quiesce the requests in flight.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@one_line_errors
+def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float,
+          count: int | None, span: int | None, socket_buffer: int | None, drains: int,
+          as_json: bool) -> None:
+    """A quick fio-like run: IOPS, MiB/s and latency percentiles.
+
+    Requests are sequential (wrapping at the end of the export or of --span).  The
+    write and mixed patterns overwrite the export.
+    """
+    import json
+
+    from .benchmark import run_bench
+    from .nbd import open_nbd
+
+    async def run() -> dict[str, Any]:
+        async with open_nbd(uri, max_in_flight=max(depth, 16),
+                            socket_buffer_size=socket_buffer) as dev:
+            result = await run_bench(dev, pattern=pattern, request_size=request_size,
+                                     depth=depth, count=count,
+                                     duration=None if count else duration, span=span,
+                                     drains=drains)
+        return result.summary()
+
+    summary = trio.run(run)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    us = 1e6
+    click.echo(f"{pattern} {request_size} B, depth {depth}: {summary['ops']} requests in "
+               f"{summary['seconds']:.2f} s")
+    click.echo(f"  {summary['iops']:.0f} IOPS, {summary['mib_s']:.1f} MiB/s, "
+               f"{summary['cpu_s_per_gib']:.2f} CPU s/GiB")
+    click.echo(f"  latency p50 {summary['p50'] * us:.0f} us, p90 {summary['p90'] * us:.0f} us, "
+               f"p99 {summary['p99'] * us:.0f} us, p99.9 {summary['p999'] * us:.0f} us, "
+               f"max {summary['max'] * us:.0f} us")
+    if drains:
+        click.echo(f"  drained sections: {summary['drains']}, time to quiesce p50 "
+                   f"{summary['drain_p50'] * us:.0f} us, max {summary['drain_max'] * us:.0f} us")
+
+
 def _fail_spec(spec: str) -> tuple[str | None, int, float]:
     """``KIND:ERRNO:RATE`` of ``serve --fail`` (KIND ``all`` means every command)."""
     import errno as errno_module

@@ -93,7 +93,7 @@ def _raw_socket(stream: trio.abc.Stream) -> _stdlib_socket.socket | None:
 class Channel:
     """One connection's stream with buffered header reads and zero-copy payloads."""
 
-    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken",
+    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken", "_failure",
                  "bytes_received", "bytes_sent")
 
     def __init__(self, stream: trio.abc.Stream, *,
@@ -105,6 +105,7 @@ class Channel:
         self._start = 0
         self._end = 0
         self.broken = False
+        self._failure: OSError | None = None  # met by peek_nowait, raised by the next read
         self.bytes_received = 0
         self.bytes_sent = 0
 
@@ -141,6 +142,8 @@ class Channel:
         """One read into ``view``; returns the count, raises TransportError on EOF."""
         sock = self._sock
         try:
+            if self._failure is not None:
+                raise self._failure
             if sock is not None:
                 while True:
                     try:
@@ -189,18 +192,47 @@ class Channel:
             await self._fill(n)
         return self._view[self._start:self._start + n]
 
+    def peek_nowait(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes if they are here without waiting, else None.
+
+        Reads the socket once, non-blocking, when fewer are buffered.  Never raises: a
+        failure is kept and raised by the next read, which the caller will make.
+        """
+        if self._end - self._start < n:
+            sock = self._sock
+            if sock is None or self._failure is not None:
+                return None
+            self._make_room(n)
+            try:
+                got = sock.recv_into(self._view[self._end:])
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                self._failure = exc
+                return None
+            if not got:
+                return None  # EOF: the next read sees it again
+            self._end += got
+            self.bytes_received += got
+            if self._end - self._start < n:
+                return None
+        return self._view[self._start:self._start + n]
+
     def consume(self, n: int) -> None:
         """Drop ``n`` peeked bytes."""
         assert n <= self._end - self._start
         self._start += n
 
-    async def _fill(self, n: int) -> None:
+    def _make_room(self, n: int) -> None:
         if n > len(self._buffer):
             raise ValueError(f"cannot buffer {n} bytes")
         if len(self._buffer) - self._start < n:  # move the partial message to the front
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start:self._end]
             self._start, self._end = 0, pending
+
+    async def _fill(self, n: int) -> None:
+        self._make_room(n)
         while self._end - self._start < n:
             self._end += await self._recv_into(self._view[self._end:])
 

@@ -32,3 +32,21 @@ def test_reconnect_recovery_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert set(result) == {"blockdrv", "blockdrv-fast-retry", "qemu-io"}
     assert all(len(times) == 1 and times[0] >= 0 for times in result.values())
+
+
+def test_bench_quick_writes_the_promised_json(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--repeat", "1", "--json",
+                    str(out)], check=True, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    workloads = {"read-4k-qd1", "read-4k-qd64", "read-64k-qd16", "write-64k-qd16",
+                 "read-1m-qd8", "write-1m-qd8", "mixed-1m-qd16"}
+    clients = {(row["workload"], row["client"]) for row in result["results"]}
+    assert clients == {(w, c) for w in workloads for c in ("blockdrv", "libnbd", "qemu")
+                       if (w, c) != ("mixed-1m-qd16", "qemu")}
+    for row in result["results"]:
+        assert row["iops"] > 0 and row["mib_s"] > 0 and row["cpu_s_per_gib"] >= 0
+    assert set(result["ratios"]) == workloads
+    assert result["ratios"]["mixed-1m-qd16"]["qemu"] is None
+    assert all(r["libnbd"] > 0 for r in result["ratios"].values())
+    assert 0 < result["drain"]["p50_s"] <= result["drain"]["max_s"]

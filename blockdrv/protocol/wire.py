@@ -129,7 +129,10 @@ class ReplyHeader(NamedTuple):
 
     @property
     def done(self) -> bool:
-        return bool(self.flags & ReplyFlag.DONE)
+        return bool(self.flags & _DONE)  # a plain int: IntFlag.__and__ costs a call
+
+
+_DONE = int(ReplyFlag.DONE)
 
 
 SIMPLE_TYPE = -1

@@ -1,0 +1,143 @@
+"""A fio-like load for any BlockNode: sequential requests at a fixed queue depth.
+
+Request ``i`` goes to offset ``(start + i * request_size) mod span`` (as ``qemu-img bench``
+does), so every client of a side-by-side comparison does the same work.  ``depth`` tasks
+keep that many requests in flight; the *mixed* pattern alternates reads and writes, so
+half of the requests in flight are each (the full-duplex case).  Reads land in
+preallocated buffers (``pread_into``), writes send a preallocated random buffer.
+
+The result carries IOPS, MiB/s, CPU seconds per GiB moved (this process's CPU time over
+the run), latency percentiles and the peak resident memory.
+
+With ``drains=N`` a further task enters N drained sections during the run, each once
+the workers have completed ``2 * depth`` requests since the previous one (so the queue
+is full again), and records the time each took to quiesce: from asking for the drained
+section to being inside it, i.e. until every request in flight has been answered.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import count as counter
+from typing import Any
+
+import trio
+
+from .latency import quantile
+from .node import BlockNode
+
+PATTERNS = ("read", "write", "mixed")
+GiB = 1 << 30
+
+
+@dataclass
+class BenchResult:
+    pattern: str
+    request_size: int
+    depth: int
+    ops: int
+    bytes: int
+    seconds: float
+    cpu_seconds: float
+    peak_rss: int  # bytes
+    latencies: list[float] = field(default_factory=list, repr=False)
+    drain_seconds: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def iops(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    @property
+    def mib_s(self) -> float:
+        return self.bytes / self.seconds / (1 << 20) if self.seconds else 0.0
+
+    @property
+    def cpu_s_per_gib(self) -> float:
+        return self.cpu_seconds / (self.bytes / GiB) if self.bytes else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Latency (seconds) at quantile ``q`` (0..1)."""
+        return quantile(self.latencies, q)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["latencies"], out["drain_seconds"]
+        if self.drain_seconds:
+            out.update(drains=len(self.drain_seconds),
+                       drain_p50=quantile(self.drain_seconds, 0.5),
+                       drain_max=max(self.drain_seconds))
+        out.update(iops=self.iops, mib_s=self.mib_s, cpu_s_per_gib=self.cpu_s_per_gib,
+                   p50=self.percentile(0.5), p90=self.percentile(0.9),
+                   p99=self.percentile(0.99),
+                   p999=self.percentile(0.999), max=max(self.latencies, default=0.0))
+        return out
+
+
+async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int = 4096,
+                    depth: int = 1, count: int | None = None,
+                    duration: float | None = None, span: int | None = None,
+                    start: int = 0, drains: int = 0) -> BenchResult:
+    """Run ``count`` requests (or for ``duration`` seconds) and measure them."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}")
+    if request_size <= 0 or depth <= 0:
+        raise ValueError("request size and depth must be positive")
+    if count is None and duration is None:
+        raise ValueError("give a count or a duration")
+    span = span or node.size
+    span -= span % request_size
+    if span < request_size:
+        raise ValueError(f"the export ({node.size} bytes) is smaller than one request")
+    numbers = counter()
+    payload = os.urandom(request_size)
+    latencies: list[float] = []
+    moved = 0
+    deadline = None if duration is None else trio.current_time() + duration
+    drain_seconds: list[float] = []
+    refilled = trio.Event()  # set once 2 * depth requests completed since the last drain
+    since_drain = 0
+
+    async def worker() -> None:
+        nonlocal moved, since_drain
+        buf = bytearray(request_size)
+        clock = trio.current_time
+        for i in numbers:
+            if (count is not None and i >= count) or (deadline is not None
+                                                      and clock() >= deadline):
+                return
+            offset = (start + i * request_size) % span
+            began = clock()
+            if pattern == "read" or (pattern == "mixed" and i % 2 == 0):
+                await node.pread_into(buf, offset)
+            else:
+                await node.pwrite(payload, offset)
+            latencies.append(clock() - began)
+            moved += request_size
+            since_drain += 1
+            if since_drain >= 2 * depth:
+                refilled.set()
+
+    async def drainer() -> None:
+        nonlocal refilled, since_drain
+        for _ in range(drains):
+            await refilled.wait()
+            asked = time.perf_counter()
+            async with node.drained():
+                drain_seconds.append(time.perf_counter() - asked)
+            refilled, since_drain = trio.Event(), 0
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    async with trio.open_nursery() as outer:
+        if drains:
+            outer.start_soon(drainer)
+        async with trio.open_nursery() as nursery:
+            for _ in range(depth):
+                nursery.start_soon(worker)
+        outer.cancel_scope.cancel()  # the workers are done: no more drains to wait for
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return BenchResult(pattern, request_size, depth, len(latencies), moved, wall, cpu, rss,
+                       latencies, drain_seconds)
