@@ -4,7 +4,16 @@ See README.md for the overview and DESIGN.md (in the project's shared folder) fo
 architecture.  The public names are re-exported here.
 """
 
-from .nbd import ConnectError, DeviceStatistics, Extent, NBDDevice, State, open_nbd
+from .nbd import (
+    ConnectError,
+    Device,
+    DeviceStatistics,
+    Extent,
+    MultiConnDevice,
+    NBDDevice,
+    State,
+    open_nbd,
+)
 from .protocol.errors import (
     ConnectionLostError,
     InvalidArgumentError,
@@ -22,8 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ConnectError",
     "ConnectionLostError",
+    "Device",
     "DeviceStatistics",
     "Extent",
+    "MultiConnDevice",
     "NBDDevice",
     "State",
     "open_nbd",

@@ -48,14 +48,17 @@ class BenchResult:
 
     @property
     def iops(self) -> float:
+        """Requests per second."""
         return self.ops / self.seconds if self.seconds else 0.0
 
     @property
     def mib_s(self) -> float:
+        """MiB moved per second."""
         return self.bytes / self.seconds / (1 << 20) if self.seconds else 0.0
 
     @property
     def cpu_s_per_gib(self) -> float:
+        """CPU seconds this process spent per GiB moved."""
         return self.cpu_seconds / (self.bytes / GiB) if self.bytes else 0.0
 
     def percentile(self, q: float) -> float:
@@ -63,6 +66,7 @@ class BenchResult:
         return quantile(self.latencies, q)
 
     def summary(self) -> dict[str, Any]:
+        """Every figure as a JSON-friendly dict (latency percentiles in seconds)."""
         out = asdict(self)
         del out["latencies"], out["drain_seconds"]
         if self.drain_seconds:

@@ -74,6 +74,7 @@ def main(verbose: int) -> None:
 @click.option("--port", type=click.IntRange(0, 65535),
               help="TCP port (0 picks a free one; default 10809).")
 @click.option("--read-only", is_flag=True, help="Refuse writes.")
+@click.option("--no-multi-conn", is_flag=True, help="Do not advertise CAN_MULTI_CONN.")
 @click.option("--max-payload", type=SIZE, default="32M", show_default=True,
               help="Largest READ/WRITE accepted (advertised as the maximum block size).")
 @click.option("--min-block", type=SIZE, default="1", show_default=True,
@@ -93,8 +94,8 @@ def main(verbose: int) -> None:
 @one_line_errors
 def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
-          max_payload: int, min_block: int, shuffle_replies: bool, no_structured: bool,
-          no_extended: bool, seed: int | None, fail_rules: tuple[str, ...],
+          no_multi_conn: bool, max_payload: int, min_block: int, shuffle_replies: bool,
+          no_structured: bool, no_extended: bool, seed: int | None, fail_rules: tuple[str, ...],
           lose_writes: float, stale_reads: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
@@ -119,7 +120,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         assert memory is not None
         backend = MemoryBackend(memory)
     export = Export(export_name, backend, read_only=read_only, description=description,
-                    min_block=min_block, max_payload=max_payload)
+                    min_block=min_block, max_payload=max_payload,
+                    multi_conn=not no_multi_conn)
     export.faults.rng.seed(seed)
     for spec in fail_rules:
         kind, code, rate = _fail_spec(spec)
@@ -196,6 +198,191 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
     if drains:
         click.echo(f"  drained sections: {summary['drains']}, time to quiesce p50 "
                    f"{summary['drain_p50'] * us:.0f} us, max {summary['drain_max'] * us:.0f} us")
+
+
+def _uri_for(address: Any, export: str) -> str:
+    from dataclasses import replace
+
+    return str(replace(address, export=export))
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo's field names).")
+@click.option("--connections", type=click.IntRange(1, 64), default=1,
+              help="Try multi-conn with this many connections (shown in the output).")
+@one_line_errors
+def info(uri: str, as_json: bool, connections: int) -> None:
+    """What the server says about an export (like nbdinfo)."""
+    import json
+
+    from .nbd import open_nbd
+    from .nbd.query import list_meta_contexts
+    from .protocol.errors import NBDError
+    from .protocol.uri import parse_uri
+    from .units import format_size
+
+    address = parse_uri(uri)
+
+    async def run() -> tuple[dict[str, Any], str]:
+        async with open_nbd(address, connections=connections) as dev:
+            described = dev.info.describe()
+            note = dev.connections_note
+            used = dev.connections
+        try:  # everything the server can list, as nbdinfo shows
+            listed = await list_meta_contexts(address)
+        except (NBDError, OSError):
+            listed = []
+        described["contexts"] = sorted(set(described["contexts"]) | set(listed))  # type: ignore[call-overload]
+        described["connections"] = used
+        return described, note
+
+    described, note = trio.run(run)
+    export = {key: value for key, value in described.items()
+              if key not in ("protocol", "TLS", "structured", "extended")}
+    export["uri"] = _uri_for(address, str(described["export-name"]))
+    export["export-size-str"] = format_size(int(described["export-size"]))
+    export = {key: value for key, value in export.items() if value is not None}
+    if as_json:
+        click.echo(json.dumps({"protocol": described["protocol"], "TLS": described["TLS"],
+                               "structured": described["structured"],
+                               "extended": described["extended"],
+                               "exports": [export]}, indent=2))
+        return
+    features = [f"{'with' if described['TLS'] else 'without'} TLS"]
+    if described["extended"]:
+        features.append("using extended packets")
+    elif described["structured"]:
+        features.append("using structured packets")
+    click.echo(f"protocol: {described['protocol']} {', '.join(features)}")
+    click.echo(f"export={json.dumps(export.pop('export-name'))}:")
+    size_str = export.pop("export-size-str")
+    click.echo(f"\texport-size: {export.pop('export-size')} ({size_str})")
+    for key, value in export.items():
+        if key == "contexts":
+            click.echo("\tcontexts:")
+            for name in value:
+                click.echo(f"\t\t{name}")
+        elif isinstance(value, bool):
+            click.echo(f"\t{key}: {str(value).lower()}")
+        else:
+            click.echo(f"\t{key}: {value}")
+    if note:
+        click.echo(f"\tnote: {note}")
+
+
+@main.command(name="list")
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def list_command(uri: str, as_json: bool) -> None:
+    """The exports a server lists (NBD_OPT_LIST)."""
+    import json
+
+    from .nbd.query import list_exports
+    from .protocol.uri import parse_uri
+
+    address = parse_uri(uri)
+    exports = trio.run(list_exports, address)
+    if as_json:
+        click.echo(json.dumps([{"export-name": e.name, "description": e.description,
+                                "uri": _uri_for(address, e.name)} for e in exports],
+                              indent=2))
+        return
+    for entry in exports:
+        line = f"export={json.dumps(entry.name)}"
+        if entry.description:
+            line += f" description={json.dumps(entry.description)}"
+        click.echo(line)
+
+
+@main.command(name="map")
+@click.argument("uri")
+@click.option("--context", default="base:allocation", show_default=True,
+              help="Metadata context, e.g. qemu:dirty-bitmap:NAME or qemu:allocation-depth.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo --map's form).")
+@one_line_errors
+def map_command(uri: str, context: str, as_json: bool) -> None:
+    """Extents of an export (merged runs of equal flags), like nbdinfo --map."""
+    import json
+
+    from .nbd import open_nbd
+    from .tools.extents import describe_flags, map_extents
+
+    async def run() -> list[Any]:
+        async with open_nbd(uri, meta_contexts=[context]) as dev:
+            if context not in dev.info.contexts:
+                raise ValueError(f"the server does not offer the context {context!r}")
+            return [extent async for extent in map_extents(dev, context=context)]
+
+    extents = trio.run(run)
+    if as_json:
+        click.echo(json.dumps([{"offset": e.offset, "length": e.length, "type": e.flags,
+                                "description": describe_flags(context, e.flags)}
+                               for e in extents], indent=2))
+        return
+    for e in extents:
+        click.echo(f"{e.offset:>10} {e.length:>10} {e.flags:>4}  "
+                   f"{describe_flags(context, e.flags)}")
+
+
+@main.command(name="copy")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Connections per NBD side (multi-conn, when the server offers it).")
+@click.option("--requests", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Requests in flight.")
+@click.option("--request-size", type=SIZE, default="256K", show_default=True,
+              help="Bytes per read/write request.")
+@click.option("--flush", is_flag=True, help="Flush the destination at the end.")
+@click.option("--destination-is-zero", is_flag=True,
+              help="The destination reads as zeroes already: skip zeroing holes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def copy_command(source: str, destination: str, connections: int, requests: int,
+                 request_size: int, flush: bool, destination_is_zero: bool,
+                 quiet: bool) -> None:
+    """Copy SOURCE to DESTINATION, sparse-aware (like nbdcopy).
+
+    Each is an NBD URI, a local file or (destination only) null:.  Holes and zero
+    ranges of the source are not written: the destination gets WRITE_ZEROES, or nothing
+    when it is a new file.  A local destination file is created or truncated.
+    """
+    from .tools.copy import copy
+    from .tools.endpoints import open_endpoint
+
+    show = not quiet and sys.stderr.isatty()
+
+    async def run() -> Any:
+        async with open_endpoint(source, destination=False, connections=connections,
+                                 requests=requests) as src, \
+                open_endpoint(destination, destination=True, size=src.size,
+                              connections=connections, requests=requests) as dst:
+            if not show:
+                return await copy(src, dst, requests=requests, request_size=request_size,
+                                  flush=flush, destination_is_zero=destination_is_zero)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                          TimeRemainingColumn(), transient=True) as bar:
+                task = bar.add_task("copying", total=src.size)
+                return await copy(src, dst, requests=requests, request_size=request_size,
+                                  flush=flush, destination_is_zero=destination_is_zero,
+                                  progress=lambda n: bar.advance(task, n))
+
+    result = trio.run(run)
+    if not quiet:
+        click.echo(f"copied {result.size} bytes ({result.data_bytes} data, "
+                   f"{result.zero_bytes} zero) in {result.seconds:.2f} s, "
+                   f"{result.mib_s:.1f} MiB/s", err=True)
 
 
 def _fail_spec(spec: str) -> tuple[str | None, int, float]:

@@ -86,13 +86,17 @@ class BlockNode(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """Size in bytes."""
 
     @property
     @abc.abstractmethod
-    def info(self) -> ExportInfo: ...
+    def info(self) -> ExportInfo:
+        """The export this node presents (flags, block sizes, contexts)."""
 
     def children(self) -> Sequence[BlockNode]:
+        """Size in bytes."""
+        """The export this node presents (flags, block sizes, contexts)."""
         """Nodes this one sends requests to (drained along with it)."""
         return ()
 
@@ -306,19 +310,23 @@ class Bypass(_Own):
 
     @property
     def size(self) -> int:
+        """The node's size."""
         return self.node.size
 
     @property
     def info(self) -> ExportInfo:
+        """The node's export info."""
         return self.node.info
 
     async def pread(self, count: int, offset: int) -> bytes:
+        """Read ``count`` bytes at ``offset`` through the bypass."""
         buf = bytearray(count)
         await self.pread_into(buf, offset)
         return bytes(buf)
 
     @asynccontextmanager
     async def drained(self) -> AsyncIterator[None]:
+        """Drained section of what executes below this point (not the port)."""
         node = self.node
         await node._executing.wait_value(0)
         async with AsyncExitStack() as stack:

@@ -69,8 +69,15 @@ async def open_stream(address: NBDAddress, *,
             assert address.host is not None and address.port is not None
             stream = await trio.open_tcp_stream(address.host, address.port)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        code = exc.errno if exc.errno is not None else errno.ECONNREFUSED
+        cause = exc
+        # trio's "all attempts to connect failed" carries the attempts' errors in a group
+        while cause.errno is None and isinstance(cause.__cause__, BaseExceptionGroup):
+            leaf = cause.__cause__.exceptions[0]
+            if not isinstance(leaf, OSError):
+                break
+            cause = leaf
+        reason = cause.strerror or str(cause)
+        code = cause.errno if cause.errno is not None else errno.ECONNREFUSED
         raise OSError(code, f"cannot connect to {address.display}: {reason}") from exc
     tune_socket(stream.socket, buffer_size=socket_buffer_size)
     return stream

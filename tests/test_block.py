@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from support.inprocess import URI, InProcessServer
+from support.workload import workload
 from trio_util import AsyncValue
 
 from blockdrv import RequestError, open_nbd
@@ -35,36 +36,6 @@ async def device(size=4 * MiB, server_options=None, **options):
         async with open_nbd(URI, stream_factory=srv.connect, **options) as dev:
             yield dev, srv
         nursery.cancel_scope.cancel()
-
-
-async def workload(dev, shadow: bytearray, *, tasks: int, ops: int, seed: int,
-                   block: int = 4096, progress: AsyncValue | None = None) -> int:
-    """Concurrent random reads and writes, each task on its own blocks, checked against
-    the shadow copy; returns how many operations completed (all of them, or it raises)."""
-    rng = random.Random(seed)
-    nblocks = len(shadow) // block
-    done = 0
-
-    async def task(lane: int) -> None:
-        nonlocal done
-        mine = list(range(lane, nblocks, tasks))
-        for _ in range(ops):
-            b = rng.choice(mine)
-            at = b * block
-            if rng.random() < 0.5:
-                data = rng.randbytes(block)
-                await dev.pwrite(data, at)
-                shadow[at:at + block] = data
-            else:
-                assert await dev.pread(block, at) == shadow[at:at + block]
-            done += 1
-            if progress is not None:
-                progress.value = done
-
-    async with trio.open_nursery() as nursery:
-        for lane in range(tasks):
-            nursery.start_soon(task, lane)
-    return done
 
 
 def transparent_filters(seed: int) -> list[FilterNode]:

@@ -18,6 +18,7 @@ import trio.testing
 from support.inprocess import URI, InProcessServer
 from support.outcomes import outcome
 from support.streams import CountingStream, CuttingStream, Gate, LateStream, unbuffered_pair
+from support.workload import workload
 
 from blockdrv import (
     ConnectError,
@@ -180,32 +181,6 @@ async def test_full_duplex_write_does_not_block_a_read_reply(autojump_clock):
 # 3 -------------------------------------------------------------------------------------
 
 
-async def random_workload(dev, shadow: bytearray, *, tasks: int, ops: int, seed: int,
-                          block: int = 4096) -> int:
-    """Concurrent random reads and writes on disjoint blocks, checked against a shadow."""
-    rng = random.Random(seed)
-    done = 0
-    lanes = [list(range(i, len(shadow) // block, tasks)) for i in range(tasks)]
-
-    async def lane(blocks):
-        nonlocal done
-        for _ in range(ops):
-            b = rng.choice(blocks)
-            if rng.random() < 0.5:
-                data = rng.randbytes(block)
-                await dev.pwrite(data, b * block)
-                shadow[b * block:(b + 1) * block] = data
-            else:
-                got = await dev.pread(block, b * block)
-                assert got == shadow[b * block:(b + 1) * block]
-            done += 1
-
-    async with trio.open_nursery() as nursery:
-        for blocks in lanes:
-            nursery.start_soon(lane, blocks)
-    return done
-
-
 async def test_server_restart_within_reconnect_delay_loses_nothing(autojump_clock):
     """qemu iotest 264: requests keep flowing across a server restart."""
     shadow = bytearray(1 * MiB)
@@ -220,7 +195,7 @@ async def test_server_restart_within_reconnect_delay_loses_nothing(autojump_cloc
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outage)
-                done = await random_workload(dev, shadow, tasks=8, ops=200, seed=1)
+                done = await workload(dev, shadow, tasks=8, ops=200, seed=1)
             assert done == 1600
             assert await dev.pread(len(shadow), 0) == shadow
             stats = dev.statistics()

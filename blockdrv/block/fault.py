@@ -56,9 +56,11 @@ class FaultFilter(FilterNode):
         return rule
 
     def remove_rule(self, rule: FaultRule) -> None:
+        """Remove one rule (it stops firing at once)."""
         self.rules.remove(rule)
 
     def clear(self) -> None:
+        """Remove every rule."""
         self.rules.clear()
 
     async def _forward(self, command: Command, offset: int, length: int,

@@ -44,10 +44,12 @@ class FilterNode(BlockNode):
 
     @property
     def size(self) -> int:
+        """The child's size."""
         return int(self._below_me().size)
 
     @property
     def info(self) -> ExportInfo:
+        """The child's export info (a filter changes requests, not the export)."""
         return self._below_me().info  # type: ignore[no-any-return]
 
     def children(self) -> Sequence[Any]:

@@ -69,6 +69,7 @@ class ThrottleFilter(FilterNode):
 
     @property
     def limits(self) -> dict[str, float | None]:
+        """The current limits."""
         return {"bytes_per_second": self._bytes.rate, "ops_per_second": self._ops.rate,
                 "burst_bytes": self._bytes.burst, "burst_ops": self._ops.burst}
 

@@ -395,6 +395,7 @@ class FuzzRun:
                             retry_initial=0.1, retry_max=1.0,
                             max_in_flight=self.config.max_in_flight,
                             cancel_timeout=self.config.bound / 2) as device:
+            assert isinstance(device, NBDDevice)  # one connection
             self.generation += 1
             dead = trio.Event()
             self._dead = (self.generation, dead)

@@ -66,11 +66,12 @@ drain therefore lasts at most ``reconnect_delay``.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Sequence, Union
 
 import trio
 from trio_util import AsyncValue
@@ -109,6 +110,9 @@ from ..transport import DEFAULT_READ_AHEAD, Channel, TransportError
 from .connection import ClientConnection
 from .handshake import HandshakeOptions, StreamFactory, connect_export
 from .states import Event, State, next_state
+
+if TYPE_CHECKING:
+    from .multiconn import MultiConnDevice
 
 log = logging.getLogger("blockdrv.nbd")
 
@@ -182,6 +186,11 @@ class NBDDevice(BlockNode):
     after a reconnect it is sent again (``guard_writes=True`` detects a change).
     """
 
+    connections = 1
+    """How many connections requests go over (see MultiConnDevice for more)."""
+    connections_note = ""
+    """Why fewer connections are used than were asked for ("" when not)."""
+
     def __init__(self, address: NBDAddress, options: HandshakeOptions,
                  nursery: trio.Nursery, *, reconnect_delay: float = 0.0,
                  max_in_flight: int = 16, retry_initial: float = 1.0,
@@ -243,10 +252,12 @@ class NBDDevice(BlockNode):
 
     @property
     def size(self) -> int:
+        """Export size in bytes."""
         return self.info.size
 
     @property
     def state(self) -> State:
+        """The connection state (DESIGN.md section 3)."""
         return self._state.value  # type: ignore[no-any-return]
 
     async def wait_state(self, *states: State) -> State:
@@ -254,6 +265,7 @@ class NBDDevice(BlockNode):
         return await self._state.wait_value(lambda s: s in states)  # type: ignore[no-any-return]
 
     def statistics(self) -> DeviceStatistics:
+        """A snapshot of what the device has done (requests, bytes, reconnects...)."""
         s = self._stats
         return DeviceStatistics(
             state=self.state, requests=s["requests"], bytes_read=s["bytes_read"],
@@ -991,6 +1003,10 @@ def _reraise_alone(group: BaseExceptionGroup[BaseException]) -> None:
         exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
 
 
+Device = Union[NBDDevice, "MultiConnDevice"]
+"""What :func:`open_nbd` yields: one connection, or several (``connections`` > 1)."""
+
+
 @asynccontextmanager
 async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                    reconnect_delay: float = 0.0, open_timeout: float = 0.0,
@@ -999,8 +1015,8 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                    socket_buffer_size: int | None = None, guard_writes: bool = False,
                    structured: bool = True, extended: bool = True,
                    connect_timeout: float = 30.0, cancel_timeout: float = 5.0,
-                   stream_factory: StreamFactory | None = None,
-                   ) -> AsyncIterator[NBDDevice]:
+                   connections: int = 1, stream_factory: StreamFactory | None = None,
+                   ) -> AsyncIterator[Device]:
     """Open an NBD export as an :class:`NBDDevice` (async context manager).
 
     ``target`` is an NBD URI (``nbd://host/export``, ``nbd+unix:///export?socket=PATH``)
@@ -1011,14 +1027,43 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
     attempt).  ``meta_contexts``: contexts to negotiate besides base:allocation (e.g.
     ``qemu:dirty-bitmap:NAME``).  ``cancel_timeout``: how long a cancelled request may
     keep reading its own reply before the connection is declared broken.
-    ``stream_factory`` replaces the socket connection (tests use memory streams).
+    ``connections`` > 1: a :class:`~blockdrv.nbd.multiconn.MultiConnDevice` spreading
+    requests over that many connections when the server advertises multi-conn (over one,
+    saying why in its ``connections_note``, when it does not); ``max_in_flight`` is per
+    connection.  ``stream_factory`` replaces the socket connection (tests use memory
+    streams).
     """
+    if connections < 1:
+        raise InvalidArgumentError(f"connections must be at least 1, not {connections}")
     address = parse_uri(target) if isinstance(target, str) else target
     if export is not None:
         address = replace(address, export=export)
     contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
     options = HandshakeOptions(export=address.export, structured=structured,
                                extended=extended, meta_contexts=contexts)
+    single = functools.partial(
+        _open_one, address, options, open_timeout=open_timeout,
+        reconnect_delay=reconnect_delay, max_in_flight=max_in_flight,
+        retry_initial=retry_initial, retry_max=retry_max,
+        socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
+        stream_factory=stream_factory, connect_timeout=connect_timeout,
+        cancel_timeout=cancel_timeout)
+    if connections == 1:
+        async with single() as device:
+            yield device
+        return
+    from .multiconn import open_multi  # it builds on this module
+
+    async with open_multi(single, connections) as multi:
+        yield multi
+
+
+@asynccontextmanager
+async def _open_one(address: NBDAddress, options: HandshakeOptions, *, open_timeout: float,
+                    reconnect_delay: float, max_in_flight: int, retry_initial: float,
+                    retry_max: float, socket_buffer_size: int | None, guard_writes: bool,
+                    stream_factory: StreamFactory | None, connect_timeout: float,
+                    cancel_timeout: float) -> AsyncIterator[NBDDevice]:
     try:
         async with trio.open_nursery() as nursery:
             device = NBDDevice(address, options, nursery, reconnect_delay=reconnect_delay,

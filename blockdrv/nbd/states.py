@@ -31,6 +31,7 @@ class State(enum.Enum):
 
     @property
     def connecting(self) -> bool:
+        """True in the states where the connection worker is reconnecting."""
         return self in (State.CONNECTING_WAIT, State.CONNECTING_NOWAIT)
 
 

@@ -57,46 +57,57 @@ class ExportInfo:
 
     @property
     def is_read_only(self) -> bool:
+        """The export refuses writes."""
         return self._flag(TransmissionFlag.READ_ONLY)
 
     @property
     def is_rotational(self) -> bool:
+        """The export says it is on rotational media."""
         return self._flag(TransmissionFlag.ROTATIONAL)
 
     @property
     def can_flush(self) -> bool:
+        """The server accepts FLUSH."""
         return self._flag(TransmissionFlag.SEND_FLUSH)
 
     @property
     def can_fua(self) -> bool:
+        """The server accepts FUA (force unit access) on writes."""
         return self._flag(TransmissionFlag.SEND_FUA)
 
     @property
     def can_trim(self) -> bool:
+        """The server accepts TRIM."""
         return self._flag(TransmissionFlag.SEND_TRIM)
 
     @property
     def can_zero(self) -> bool:
+        """The server accepts WRITE_ZEROES."""
         return self._flag(TransmissionFlag.SEND_WRITE_ZEROES)
 
     @property
     def can_fast_zero(self) -> bool:
+        """The server accepts FAST_ZERO on WRITE_ZEROES."""
         return self._flag(TransmissionFlag.SEND_FAST_ZERO)
 
     @property
     def can_df(self) -> bool:
+        """The server honours DF (don't fragment) on READ."""
         return self._flag(TransmissionFlag.SEND_DF)
 
     @property
     def can_multi_conn(self) -> bool:
+        """Several connections may be used at once (CAN_MULTI_CONN)."""
         return self._flag(TransmissionFlag.CAN_MULTI_CONN)
 
     @property
     def can_cache(self) -> bool:
+        """The server accepts CACHE."""
         return self._flag(TransmissionFlag.SEND_CACHE)
 
     @property
     def can_block_status(self) -> bool:
+        """BLOCK_STATUS can be sent (structured replies and a negotiated context)."""
         return self.structured and bool(self.contexts)
 
     # --- limits ---

@@ -269,6 +269,7 @@ class ReplyReader:
         self.in_flight[cookie] = state
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the connection."""
         self._buffer += data
 
     @property
@@ -277,6 +278,7 @@ class ReplyReader:
         return len(self._buffer)
 
     def next_event(self) -> Event | _NeedData:
+        """The next reply event, or NEED_DATA."""
         if self._dead is not None:
             raise self._dead
         try:

@@ -39,19 +39,44 @@ class FastZeroUnsupported(OSError):
 
 
 class Backend(Protocol):
+    """Storage behind an export: what the server's request handlers call."""
+
     size: int
     fast_zero: bool
 
-    async def read(self, offset: int, length: int) -> list[Segment]: ...
+    async def read(self, offset: int, length: int) -> list[Segment]:
+        """Read ``length`` bytes at ``offset`` as data and hole segments."""
+        ...
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
-                    fua: bool = False) -> None: ...
+                    fua: bool = False) -> None:
+        """Write ``data`` at ``offset``."""
+        ...
+
     async def zero(self, offset: int, length: int, *, may_trim: bool = True,
-                   fast: bool = False, fua: bool = False) -> None: ...
-    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
-    async def flush(self) -> None: ...
-    async def cache(self, offset: int, length: int) -> None: ...
-    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
-    def close(self) -> None: ...
+                   fast: bool = False, fua: bool = False) -> None:
+        """Make a range read as zeroes (punching a hole when allowed)."""
+        ...
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Discard a range (reads may return zeroes afterwards)."""
+        ...
+
+    async def flush(self) -> None:
+        """Make completed writes durable."""
+        ...
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (may do nothing)."""
+        ...
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Allocation runs ``(length, flags)`` from ``offset``, at most ``length`` bytes."""
+        ...
+
+    def close(self) -> None:
+        """Release the storage."""
+        ...
 
 
 def merge_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -65,7 +90,7 @@ def merge_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-class MemoryBackend:
+class MemoryBackend(Backend):
     """A sparse in-memory disk with allocation tracked per 64 KiB page."""
 
     PAGE = 64 * 1024
@@ -82,6 +107,7 @@ class MemoryBackend:
 
     @property
     def allocated(self) -> int:
+        """Bytes currently allocated (not holes)."""
         return len(self.pages) * self.PAGE
 
     def _spans(self, offset: int, length: int):  # type: ignore[no-untyped-def]
@@ -169,7 +195,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-class FileBackend:
+class FileBackend(Backend):
     """A file (or block device) with holes found by SEEK_DATA/SEEK_HOLE."""
 
     def __init__(self, path: str | os.PathLike[str], *, size: int | None = None,

@@ -15,7 +15,8 @@ class Export:
     """A named export: its backend, flags, block sizes and fault hooks.
 
     Several connections to one export share its backend, so the export can advertise
-    CAN_MULTI_CONN: a flush on any connection covers the writes replied to on all.
+    CAN_MULTI_CONN: a flush on any connection covers the writes replied to on all
+    (``multi_conn=False`` stops advertising it).
     """
 
     name: str
@@ -26,6 +27,7 @@ class Export:
     preferred_block: int = 4096
     max_payload: int = DEFAULT_MAX_PAYLOAD
     faults: Faults = field(default_factory=Faults)
+    multi_conn: bool = True
 
     def __post_init__(self) -> None:
         if self.min_block & (self.min_block - 1) or not 1 <= self.min_block <= 65536:
@@ -41,14 +43,16 @@ class Export:
 
     @property
     def size(self) -> int:
+        """Size in bytes (the backend's)."""
         return self.backend.size
 
     @property
     def flags(self) -> int:
         """Transmission flags (SEND_DF is added by the handshake when it applies)."""
         flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
-                 | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE
-                 | TransmissionFlag.CAN_MULTI_CONN)
+                 | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE)
+        if self.multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
         if self.read_only:
             flags |= TransmissionFlag.READ_ONLY
         else:
@@ -58,6 +62,7 @@ class Export:
         return int(flags)
 
     def offer(self) -> ExportOffer:
+        """What the handshake tells clients about this export."""
         return ExportOffer(name=self.name, size=self.size, flags=self.flags,
                            description=self.description,
                            block_sizes=(self.min_block, self.preferred_block,

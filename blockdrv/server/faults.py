@@ -101,6 +101,7 @@ class Faults:
         return rule
 
     def remove(self, rule: FailRule) -> None:
+        """Remove a failure rule."""
         self.rules.remove(rule)
         self._update()
 
@@ -151,12 +152,14 @@ class Faults:
     # --- decisions (called by the server for each request or reply) -------------------
 
     def delay_for(self, command: Command) -> float:
+        """Seconds to delay a request of ``command`` (0: none), counted when used."""
         seconds = self.delays.get(command, 0.0)
         if seconds:
             self.injected["delay"] += 1
         return seconds
 
     def failure_for(self, command: Command, offset: int, length: int) -> int | None:
+        """The errno a request must fail with, or None; counted when it fires."""
         rule = first_firing(self.rules, command, offset, length, self.rng)
         if rule is None:
             return None
@@ -233,6 +236,7 @@ class Faults:
         return changed
 
     def lose_write(self) -> bool:
+        """Whether to drop this write silently (the lose-writes hook)."""
         if self.lose_rate and (self.lose_rate >= 1 or self.rng.random() < self.lose_rate):
             self.injected["lost-write"] += 1
             return True

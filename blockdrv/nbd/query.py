@@ -1,0 +1,47 @@
+"""Questions asked in the handshake, without entering transmission: LIST and
+LIST_META_CONTEXT (what ``nbdinfo --list`` and ``nbdinfo`` show)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from ..protocol import Goal
+from ..protocol.events import ExportsListed, MetaContextsListed
+from ..protocol.export import ExportEntry
+from ..protocol.uri import NBDAddress, parse_uri
+from .handshake import HandshakeOptions, StreamFactory, connect
+
+
+async def _ask(target: str | NBDAddress, options: HandshakeOptions, goal: Goal,
+               stream_factory: StreamFactory | None) -> object:
+    address = parse_uri(target) if isinstance(target, str) else target
+    channel, event = await connect(address, options, goal=goal,
+                                   stream_factory=stream_factory)
+    await channel.aclose()
+    return event
+
+
+async def list_exports(target: str | NBDAddress, *,
+                       stream_factory: StreamFactory | None = None) -> list[ExportEntry]:
+    """The exports the server names (NBD_OPT_LIST), with their descriptions."""
+    event = await _ask(target, HandshakeOptions(), Goal.LIST, stream_factory)
+    assert isinstance(event, ExportsListed)
+    return event.exports
+
+
+async def list_meta_contexts(target: str | NBDAddress, *, export: str | None = None,
+                             queries: Sequence[str] = (),
+                             stream_factory: StreamFactory | None = None) -> list[str]:
+    """Metadata contexts the export offers (NBD_OPT_LIST_META_CONTEXT).
+
+    ``queries`` narrow the answer (e.g. ``qemu:`` for all of qemu's); none asks for
+    every context the server is willing to list.
+    """
+    address = parse_uri(target) if isinstance(target, str) else target
+    if export is not None:
+        address = replace(address, export=export)
+    options = HandshakeOptions(export=address.export, meta_contexts=tuple(queries))
+    event = await _ask(address, options, Goal.LIST_META_CONTEXT, stream_factory)
+    assert isinstance(event, MetaContextsListed)
+    return event.contexts

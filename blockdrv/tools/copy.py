@@ -1,0 +1,121 @@
+"""Copy one endpoint to another, sparse-aware (``blockdrv copy``).
+
+Theory of operation
+-------------------
+A *planner* task walks the source's allocation (base:allocation block status for an
+NBD source, SEEK_DATA/SEEK_HOLE for a file) and sends pieces down a memory channel:
+data pieces of at most ``request_size`` bytes, zero pieces (ranges that read as zeroes)
+of at most ``ZERO_PIECE`` bytes.  ``requests`` worker tasks take pieces from the channel,
+each with its own buffer, so at most ``requests`` pieces are in flight and memory stays
+at ``requests * request_size``.  A data piece is read from the source and written to
+the destination, unless it turns out to be all zeroes: then it is handled as a zero
+piece.  A zero piece costs nothing when the destination is known to read as zeroes
+already (a fresh file, ``null:``, ``destination_is_zero``); otherwise it becomes
+WRITE_ZEROES (with trim allowed), or zero bytes written when the destination cannot.
+So nothing is written for holes, and the destination stays as sparse as the source.
+
+The first failure stops the copy and is raised as itself (never an ExceptionGroup).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from .endpoints import ZERO, Endpoint
+
+KiB = 1024
+ZERO_PIECE = 64 << 20
+EXTENT_WINDOW = 1 << 30
+
+
+@dataclass
+class CopyResult:
+    """What a copy did."""
+
+    size: int
+    data_bytes: int  # read and written
+    zero_bytes: int  # zero on the source: zeroed on, or skipped for, the destination
+    seconds: float
+
+    @property
+    def mib_s(self) -> float:
+        """Source bytes per second, in MiB."""
+        return self.size / self.seconds / (1 << 20) if self.seconds else 0.0
+
+
+async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
+               request_size: int = 256 * KiB, flush: bool = False,
+               destination_is_zero: bool = False,
+               progress: Callable[[int], None] | None = None) -> CopyResult:
+    """Copy all of ``source`` to the start of ``destination``; see the module docstring.
+
+    ``progress`` is called with each piece's byte count as it completes.
+    """
+    if requests < 1 or request_size < 1:
+        raise ValueError("requests and request size must be positive")
+    size = source.size
+    if destination.size < size:
+        raise ValueError(f"{destination.name} ({destination.size} bytes) is smaller than "
+                         f"{source.name} ({size} bytes)")
+    known_zero = destination.known_zero or destination_is_zero
+    send, receive = trio.open_memory_channel[tuple[bool, int, int]](requests)
+    moved = {"data": 0, "zero": 0}
+    zeroes = bytes(request_size)
+    report = progress or (lambda n: None)
+
+    async def planner() -> None:
+        async with send:
+            pos = 0
+            while pos < size:
+                for extent in await source.extents(min(EXTENT_WINDOW, size - pos), pos):
+                    is_zero = bool(extent.flags & ZERO)
+                    piece = ZERO_PIECE if is_zero else request_size
+                    end = extent.offset + extent.length
+                    for at in range(extent.offset, end, piece):
+                        await send.send((is_zero, at, min(piece, end - at)))
+                    pos = end
+
+    async def zero(count: int, offset: int) -> None:
+        if not known_zero:
+            await destination.zero(count, offset)
+        moved["zero"] += count
+
+    async def worker(receive: trio.MemoryReceiveChannel[tuple[bool, int, int]]) -> None:
+        buf = memoryview(bytearray(request_size))
+        async with receive:
+            async for is_zero, offset, count in receive:
+                if is_zero:
+                    await zero(count, offset)
+                else:
+                    view = buf[:count]
+                    await source.read(view, offset)
+                    if view == zeroes[:count]:
+                        await zero(count, offset)
+                    else:
+                        await destination.write(view, offset)
+                        moved["data"] += count
+                report(count)
+
+    started = time.perf_counter()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(planner)
+            async with receive:
+                for _ in range(requests):
+                    nursery.start_soon(worker, receive.clone())
+        if flush:
+            await destination.flush()
+    except BaseExceptionGroup as group:
+        raise _first(group) from None
+    return CopyResult(size, moved["data"], moved["zero"], time.perf_counter() - started)
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first real failure of a task group (the others were cancelled by it)."""
+    failures = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    first = (failures or list(group.exceptions))[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
