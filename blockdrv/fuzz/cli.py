@@ -135,6 +135,8 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
     for v in result.violations:
         click.echo(f"VIOLATION {v.operation}: expected {v.expected}; found {v.found}",
                    err=True)
+    if result.server_crash:
+        click.echo(f"SERVER CRASH: {result.server_crash}", err=True)
     if json_file:
         Path(json_file).write_text(json.dumps(result.summary(), indent=2))
     if not result.ok:
@@ -142,4 +144,4 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         path.write_text(json.dumps(result.reproducer(), indent=1))
         click.echo(f"reproducer written to {path} (run it again with --replay {path})",
                    err=True)
-        sys.exit(1)
+        sys.exit(1 if result.violations else 3)

@@ -32,6 +32,11 @@ The invariants checked, operation by operation:
 6. malformed replies end in ProtocolError, never in wrong data (checked by 1);
 7. nothing is left running: the run's file descriptors and child processes are gone.
 
+A server process that dies on its own (not killed by a fault) is a finding about the
+server, not the driver: a watcher waits for the process's exit (a pidfd, no polling),
+records it in :attr:`FuzzResult.server_crash` with the server's log, and ends the run;
+failures caused by the dead server are not counted as violations.
+
 A failed or cancelled write makes its range unknown in the model; that is not a
 violation.  Everything the run did (operations and faults, with their times) is kept in
 :attr:`FuzzResult.trace`, so a violation comes with a reproducer.
@@ -160,10 +165,11 @@ class FuzzResult:
     violations: list[Violation] = field(default_factory=list)
     elapsed: float = 0.0
     trace: list[dict[str, Any]] = field(default_factory=list)
+    server_crash: str | None = None  # the server died on its own: how, and its log
 
     @property
     def ok(self) -> bool:
-        return not self.violations
+        return not self.violations and self.server_crash is None
 
     @property
     def ops_total(self) -> int:
@@ -192,6 +198,7 @@ class FuzzResult:
                         "median": statistics.median(self.latencies) if self.latencies
                         else 0.0},
             "violations": [asdict(v) for v in self.violations],
+            "server_crash": self.server_crash,
         }
 
     def reproducer(self) -> dict[str, Any]:
@@ -280,6 +287,7 @@ class FuzzRun:
         self.start = 0.0
         self.watchdog: Watchdog
         self.done = trio.Event()
+        self.server_starts = AsyncValue(0)  # restarts by the fault task (for the watcher)
         self._dead: tuple[int, trio.Event] = (0, trio.Event())  # (generation, its event)
 
     # --- the whole run ------------------------------------------------------------------
@@ -348,6 +356,7 @@ class FuzzRun:
             self.watchdog = Watchdog(self.config.bound + self.config.max_outage + 30,
                                      inner.cancel_scope, self._hung)
             inner.start_soon(self.watchdog.run)
+            inner.start_soon(self._watch_server, inner.cancel_scope)
             inner.start_soon(self._supervise)
             await self._current_device()
             async with trio.open_nursery() as workload:
@@ -366,6 +375,25 @@ class FuzzRun:
             self.done.set()
             self._declare_dead(self.generation)  # let the supervisor close the device
             inner.cancel_scope.cancel()
+
+    async def _watch_server(self, run: trio.CancelScope) -> None:
+        """End the run if the server process dies without being killed by a fault."""
+        server = self.server
+        assert server is not None
+        while True:
+            starts = self.server_starts.value
+            process = getattr(server, "process", None)
+            if process is not None:
+                await _process_exit(process)
+                code = process.poll()
+                if getattr(server, "process", None) is process and server.running:
+                    how = (f"killed by signal {-code}" if code is not None and code < 0
+                           else f"exit status {code}")
+                    self.result.server_crash = (f"{server!r} died on its own ({how}); "
+                                                f"its log ends: {server.log()[-1500:]!r}")
+                    run.cancel()
+                    return
+            await self.server_starts.wait_value(lambda n, seen=starts: n > seen)
 
     def _hung(self, tasks: list[str]) -> None:
         self._violation("the run", "progress at least every "
@@ -567,6 +595,8 @@ class FuzzRun:
             self.model.unknown(op.offset, op.length)
 
     def _violation(self, operation: str, expected: str, found: str) -> None:
+        if self.result.server_crash is not None:
+            return  # the dead server explains it
         self.result.violations.append(Violation(operation, expected, found))
 
     # --- faults ---------------------------------------------------------------------------
@@ -610,6 +640,7 @@ class FuzzRun:
             self.result.faults_by_kind["kill"] += 1
             await trio.sleep(params["outage"])
             server.start()
+            self.server_starts.value += 1
             await server.wait_ready()
         elif kind == "cut":
             proxy.cut(params["direction"], params["after"])
@@ -696,6 +727,7 @@ class FuzzRun:
         self.proxy.clear()
         if not self.server.running:
             self.server.start()
+            self.server_starts.value += 1
             await self.server.wait_ready()
         device = self.device
         if device is not None and device.state is not State.QUIT:
@@ -733,3 +765,15 @@ class FuzzRun:
             else:
                 self._violation(f"final read {offset}+{n}", "a successful read",
                                 "failed three times")
+
+
+async def _process_exit(process: Any) -> None:
+    """Until ``process`` (a subprocess.Popen) has exited (Linux pidfd; no polling)."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return  # gone (and reaped) already
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)

@@ -282,6 +282,9 @@ class CommandServer(Peer):
 
     name = "command"
 
+    def __repr__(self) -> str:
+        return f"<server command {self.command!r}>"
+
     def __init__(self, directory: Path, command: str, image: Path) -> None:
         super().__init__(directory, "unix")
         self.command = command
