@@ -25,6 +25,7 @@ from .protocol.errors import (
 )
 from .protocol.export import ExportEntry, ExportInfo
 from .protocol.uri import NBDAddress, parse_uri
+from .tls import TLSError, TLSMode
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,8 @@ __all__ = [
     "OptionError",
     "ProtocolError",
     "RequestError",
+    "TLSError",
+    "TLSMode",
     "UnsupportedError",
     "parse_uri",
     "__version__",

@@ -75,6 +75,15 @@ def main(verbose: int) -> None:
               help="TCP port (0 picks a free one; default 10809).")
 @click.option("--read-only", is_flag=True, help="Refuse writes.")
 @click.option("--no-multi-conn", is_flag=True, help="Do not advertise CAN_MULTI_CONN.")
+@click.option("--tls", "tls_mode", type=click.Choice(["off", "allow", "require"]),
+              help="TLS: require (FORCEDTLS: nothing but STARTTLS before TLS) or allow "
+                   "(the client chooses). Default: require when --tls-cert is given.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="Server private key (PEM; default: in the certificate file).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+              help="Require client certificates signed by this CA.")
 @click.option("--max-payload", type=SIZE, default="32M", show_default=True,
               help="Largest READ/WRITE accepted (advertised as the maximum block size).")
 @click.option("--min-block", type=SIZE, default="1", show_default=True,
@@ -94,8 +103,10 @@ def main(verbose: int) -> None:
 @one_line_errors
 def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
-          no_multi_conn: bool, max_payload: int, min_block: int, shuffle_replies: bool,
-          no_structured: bool, no_extended: bool, seed: int | None, fail_rules: tuple[str, ...],
+          no_multi_conn: bool, tls_mode: str | None, tls_cert: str | None,
+          tls_key: str | None, tls_ca: str | None, max_payload: int, min_block: int,
+          shuffle_replies: bool, no_structured: bool, no_extended: bool,
+          seed: int | None, fail_rules: tuple[str, ...],
           lose_writes: float, stale_reads: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
@@ -131,7 +142,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
     if stale_reads:
         export.faults.stale_reads(stale_reads)
     server = NBDServer(export, structured=not no_structured, extended=not no_extended,
-                       shuffle_replies=shuffle_replies, seed=seed)
+                       shuffle_replies=shuffle_replies, seed=seed,
+                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca))
 
     def announce(uri: str) -> None:
         print(uri, flush=True)
@@ -383,6 +395,21 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
         click.echo(f"copied {result.size} bytes ({result.data_bytes} data, "
                    f"{result.zero_bytes} zero) in {result.seconds:.2f} s, "
                    f"{result.mib_s:.1f} MiB/s", err=True)
+
+
+def _server_tls(mode: str | None, cert: str | None, key: str | None,
+                ca: str | None) -> Any:
+    from .tls import NO_TLS, TLSMode, TLSSettings, server_context
+
+    if mode is None:
+        mode = "require" if cert else "off"
+    if mode == "off":
+        if cert or key or ca:
+            raise click.UsageError("--tls off with TLS certificates given")
+        return NO_TLS
+    if cert is None:
+        raise click.UsageError(f"--tls {mode} needs --tls-cert (and --tls-key)")
+    return TLSSettings(TLSMode(mode), server_context(cert=cert, key=key, ca=ca))
 
 
 def _fail_spec(spec: str) -> tuple[str | None, int, float]:

@@ -137,6 +137,13 @@ class Channel:
         self._view[:len(whole)] = whole
         self._start, self._end = 0, len(whole)
 
+    def replace_stream(self, stream: trio.abc.Stream) -> None:
+        """Go on over ``stream`` (the same connection, e.g. wrapped in TLS)."""
+        if self.buffered:
+            raise RuntimeError("bytes are buffered from the old stream")
+        self.stream = stream
+        self._sock = _raw_socket(stream)
+
     def take_buffered(self) -> bytes:
         """Remove and return the read-ahead bytes (e.g. before a TLS upgrade)."""
         data = bytes(self._view[self._start:self._end])

@@ -21,7 +21,7 @@ def test_ruff_is_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-PUBLIC_MODULES = ["blockdrv", "blockdrv.sync", "blockdrv.tools", "blockdrv.nbd",
+PUBLIC_MODULES = ["blockdrv", "blockdrv.sync", "blockdrv.tls", "blockdrv.tools", "blockdrv.nbd",
                   "blockdrv.block", "blockdrv.server", "blockdrv.protocol",
                   "blockdrv.benchmark", "blockdrv.nbd.query", "blockdrv.nbd.multiconn",
                   "blockdrv.fuzz"]

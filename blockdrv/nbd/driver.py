@@ -69,6 +69,7 @@ import errno
 import functools
 import hashlib
 import logging
+import ssl
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, AsyncIterator, Sequence, Union
@@ -106,6 +107,7 @@ from ..protocol.wire import (
     encode_request,
     reply_header_size,
 )
+from ..tls import TLSMode, client_settings
 from ..transport import DEFAULT_READ_AHEAD, Channel, TransportError
 from .connection import ClientConnection
 from .handshake import HandshakeOptions, StreamFactory, connect_export
@@ -1015,7 +1017,11 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                    socket_buffer_size: int | None = None, guard_writes: bool = False,
                    structured: bool = True, extended: bool = True,
                    connect_timeout: float = 30.0, cancel_timeout: float = 5.0,
-                   connections: int = 1, stream_factory: StreamFactory | None = None,
+                   connections: int = 1, tls: TLSMode | str | bool | None = None,
+                   tls_context: ssl.SSLContext | None = None, tls_ca: str | None = None,
+                   tls_cert: str | None = None, tls_key: str | None = None,
+                   tls_hostname: str | None = None,
+                   stream_factory: StreamFactory | None = None,
                    ) -> AsyncIterator[Device]:
     """Open an NBD export as an :class:`NBDDevice` (async context manager).
 
@@ -1030,8 +1036,17 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
     ``connections`` > 1: a :class:`~blockdrv.nbd.multiconn.MultiConnDevice` spreading
     requests over that many connections when the server advertises multi-conn (over one,
     saying why in its ``connections_note``, when it does not); ``max_in_flight`` is per
-    connection.  ``stream_factory`` replaces the socket connection (tests use memory
-    streams).
+    connection.
+
+    TLS (:mod:`blockdrv.tls`): ``tls`` is ``"off"``, ``"allow"`` (use it when the server
+    offers it) or ``"require"``; ``nbds://`` URIs mean require, and asking for less on
+    one is an error.  The server is verified against ``tls_ca`` (default: the system's
+    CAs, or the URI's ``tls-certificates`` directory) and ``tls_hostname`` (default: the
+    URI's host; ``localhost`` for Unix sockets); ``tls_cert``/``tls_key`` are a client
+    certificate; ``tls_context`` replaces all of these with your own SSLContext.  Every
+    reconnect redoes TLS.
+
+    ``stream_factory`` replaces the socket connection (tests use memory streams).
     """
     if connections < 1:
         raise InvalidArgumentError(f"connections must be at least 1, not {connections}")
@@ -1039,8 +1054,10 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
     if export is not None:
         address = replace(address, export=export)
     contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
+    tls_settings = client_settings(address, tls=tls, context=tls_context, ca=tls_ca,
+                                   cert=tls_cert, key=tls_key, hostname=tls_hostname)
     options = HandshakeOptions(export=address.export, structured=structured,
-                               extended=extended, meta_contexts=contexts)
+                               extended=extended, meta_contexts=contexts, tls=tls_settings)
     single = functools.partial(
         _open_one, address, options, open_timeout=open_timeout,
         reconnect_delay=reconnect_delay, max_in_flight=max_in_flight,

@@ -9,7 +9,6 @@ the address for connection failures, the phase for a server that hangs up mid-ha
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
@@ -22,10 +21,11 @@ from ..protocol import (
     Goal,
     NBDError,
     StartTLS,
-    TLSMode,
 )
 from ..protocol.errors import ConnectionLostError
+from ..protocol.negotiate import Phase
 from ..protocol.uri import NBDAddress
+from ..tls import NO_TLS, TLSError, TLSSettings, upgrade
 from ..transport import Channel, TransportError, open_stream
 
 StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
@@ -39,14 +39,17 @@ class HandshakeOptions:
     structured: bool = True
     extended: bool = True
     meta_contexts: Sequence[str] = ()
-    tls: TLSMode = TLSMode.OFF
+    tls: TLSSettings = NO_TLS
 
 
-async def negotiate(channel: Channel, negotiator: ClientNegotiator) -> object:
+async def negotiate(channel: Channel, negotiator: ClientNegotiator,
+                    tls: TLSSettings = NO_TLS) -> object:
     """Drive ``negotiator`` over ``channel``; returns its final event.
 
-    Bytes that arrived after the handshake are put back into the channel.  On an
-    NBDError the soft-disconnect bytes (NBD_OPT_ABORT) are sent, best effort.
+    Bytes that arrived after the handshake are put back into the channel.  After an
+    acknowledged STARTTLS the channel is upgraded (:func:`blockdrv.tls.upgrade`) and the
+    negotiation goes on inside TLS.  On an NBDError the soft-disconnect bytes
+    (NBD_OPT_ABORT) are sent, best effort (never in plaintext once TLS was started).
     """
     try:
         while True:
@@ -57,14 +60,14 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator) -> object:
             if event is NEED_DATA:
                 negotiator.receive_data(await channel.receive_some())
             elif isinstance(event, StartTLS):
-                raise NBDError("TLS upgrade is not available on this channel",
-                               errno=errno.ENOTSUP)
+                await upgrade(channel, tls)
+                negotiator.tls_started()
             else:
                 channel.unread(negotiator.leftover())
                 return event
     except NBDError:
         goodbye = negotiator.data_to_send() or negotiator.abort()
-        if goodbye:
+        if goodbye and negotiator.phase is not Phase.TLS_UPGRADE:  # stream unusable
             with trio.move_on_after(1):
                 try:
                     await channel.send(goodbye)
@@ -72,6 +75,10 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator) -> object:
                     pass
         raise
     except TransportError as exc:
+        if negotiator.tls:  # with TLS 1.3 a refused client certificate shows only here
+            raise TLSError(f"server closed the TLS connection during the handshake "
+                           f"({negotiator.phase.value} phase; does it require a client "
+                           f"certificate?): {exc}") from exc
         raise ConnectionLostError(f"server closed the connection during the handshake "
                                   f"({negotiator.phase.value} phase): {exc}") from exc
 
@@ -89,11 +96,11 @@ async def connect(address: NBDAddress, options: HandshakeOptions, *,
     else:
         stream = await open_stream(address, socket_buffer_size=socket_buffer_size)
     channel = Channel(stream)
-    negotiator = ClientNegotiator(options.export, goal=goal, tls=options.tls,
+    negotiator = ClientNegotiator(options.export, goal=goal, tls=options.tls.mode,
                                   structured=options.structured, extended=options.extended,
                                   meta_contexts=options.meta_contexts)
     try:
-        event = await negotiate(channel, negotiator)
+        event = await negotiate(channel, negotiator, options.tls)
     except BaseException:
         await channel.aclose()
         raise

@@ -62,6 +62,7 @@ from ..protocol.wire import (
     encode_simple_reply,
     request_size,
 )
+from ..tls import TLSError, upgrade
 from ..transport import Channel, TransportError
 from .backends import FastZeroUnsupported, Segment
 from .export import Export
@@ -145,7 +146,7 @@ class ServerConnection:
                 chosen = await self._handshake()
                 if chosen is not None:
                     await self._transmission(chosen)
-        except* (TransportError, ProtocolError, _Dropped) as group:
+        except* (TransportError, ProtocolError, TLSError, _Dropped) as group:
             for exc in group.exceptions:
                 log.debug("connection %s ended: %s", self.peer, exc)
         finally:
@@ -156,8 +157,8 @@ class ServerConnection:
     async def _handshake(self) -> ExportChosen | None:
         server = self.server
         neg = ServerNegotiator({e.name: e.offer() for e in server.exports.values()},
-                               structured=server.structured, extended=server.extended,
-                               allow_list=server.allow_list,
+                               tls=server.tls.mode, structured=server.structured,
+                               extended=server.extended, allow_list=server.allow_list,
                                default_export=server.default_export)
         while True:
             try:
@@ -174,7 +175,8 @@ class ServerConnection:
             elif isinstance(event, ClientAborted):
                 return None
             elif isinstance(event, StartTLS):
-                raise ProtocolError("TLS is not configured")  # see the TLS issue
+                await upgrade(self.channel, server.tls, server_side=True)
+                neg.tls_started()
 
     # --- transmission -------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import trio
 from trio_util import AsyncValue
 
 from ..protocol.uri import NBDAddress
+from ..tls import NO_TLS, TLSMode, TLSSettings
 from ..transport import tune_socket
 from .connection import ServerConnection
 from .export import Export
@@ -46,7 +47,7 @@ class NBDServer:
                  extended: bool = True, shuffle_replies: bool = False,
                  seed: int | None = None, max_requests: int = 64, allow_list: bool = True,
                  default_export: str | None = None,
-                 socket_buffer_size: int | None = None) -> None:
+                 socket_buffer_size: int | None = None, tls: TLSSettings = NO_TLS) -> None:
         exports = [exports] if isinstance(exports, Export) else list(exports)
         if not exports:
             raise ValueError("a server needs at least one export")
@@ -63,6 +64,9 @@ class NBDServer:
         self.max_requests = max_requests
         self.allow_list = allow_list
         self.socket_buffer_size = socket_buffer_size
+        if tls.mode is not TLSMode.OFF and tls.context is None:
+            raise ValueError("TLS needs a server SSL context (blockdrv.tls.server_context)")
+        self.tls = tls  # REQUIRE: FORCEDTLS; ALLOW: the client chooses
         self.connections: set[ServerConnection] = set()
         self.listeners: list[trio.SocketListener] = []
         self.connections_served = 0
