@@ -153,18 +153,18 @@ def test_nbdkit_null_fails_the_run(tmp_path):
     assert "VIOLATION" in out.stderr
 
 
-def test_a_server_that_dies_on_its_own_is_a_server_crash_not_a_violation(tmp_path):
+def test_a_server_that_dies_on_its_own_is_reported_and_restarted(tmp_path):
     report = tmp_path / "out.json"
     out = fuzz("--server-cmd",
                "timeout -s KILL 2 nbdkit --foreground --unix {socket} file {file}",
-               "--duration", "60", "--faults", "none", "--size", "8M", "--quiet",
+               "--duration", "5", "--faults", "none", "--size", "8M", "--quiet",
                "--json", str(report), "--reproducer", str(tmp_path / "r.json"))
     assert out.returncode == 3, out.stderr
     assert "SERVER CRASH" in out.stderr and "killed by signal 9" in out.stderr
-    assert "VIOLATION" not in out.stderr
+    assert "VIOLATION" not in out.stderr  # for the driver, each crash is an outage
     summary = json.loads(report.read_text())
-    assert summary["violations"] == [] and "timeout -s KILL" in summary["server_crash"]
-    assert summary["elapsed"] < 30  # the run ended at the crash
+    assert summary["violations"] == [] and len(summary["server_crashes"]) >= 2
+    assert "timeout -s KILL" in summary["server_crashes"][0]
 
 
 def test_a_good_short_run_passes_and_writes_the_figures(tmp_path):

@@ -1,7 +1,9 @@
 """The ``blockdrv-fuzz`` command: seeded fault-injection runs of the driver.
 
-Exit status 0 only when no invariant was violated; 1 when one was (a reproducer file is
-written, for ``--replay``); 2 for bad arguments or a run that could not start.
+Exit status 0 only when no invariant was violated and the server never crashed; 1 when
+an invariant was violated (a reproducer file is written, for ``--replay``); 3 when the
+server died on its own (it is restarted and the run goes on; reproducer written too);
+2 for bad arguments or a run that could not start.
 """
 
 from __future__ import annotations
@@ -135,11 +137,11 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
     for v in result.violations:
         click.echo(f"VIOLATION {v.operation}: expected {v.expected}; found {v.found}",
                    err=True)
-    if result.server_crash:
-        click.echo(f"SERVER CRASH: {result.server_crash}", err=True)
+    for crash in result.server_crashes:
+        click.echo(f"SERVER CRASH (restarted): {crash}", err=True)
     if json_file:
         Path(json_file).write_text(json.dumps(result.summary(), indent=2))
-    if not result.ok:
+    if result.violations or result.server_crashes:
         path = Path(reproducer or f"blockdrv-fuzz-{config.seed}.json")
         path.write_text(json.dumps(result.reproducer(), indent=1))
         click.echo(f"reproducer written to {path} (run it again with --replay {path})",

@@ -34,8 +34,9 @@ The invariants checked, operation by operation:
 
 A server process that dies on its own (not killed by a fault) is a finding about the
 server, not the driver: a watcher waits for the process's exit (a pidfd, no polling),
-records it in :attr:`FuzzResult.server_crash` with the server's log, and ends the run;
-failures caused by the dead server are not counted as violations.
+records it in :attr:`FuzzResult.server_crashes` with the server's log, and restarts the
+server at once, as a supervisor would; for the driver that is one more outage, and the
+invariants still hold.
 
 A failed or cancelled write makes its range unknown in the model; that is not a
 violation.  Everything the run did (operations and faults, with their times) is kept in
@@ -165,11 +166,12 @@ class FuzzResult:
     violations: list[Violation] = field(default_factory=list)
     elapsed: float = 0.0
     trace: list[dict[str, Any]] = field(default_factory=list)
-    server_crash: str | None = None  # the server died on its own: how, and its log
+    server_crashes: list[str] = field(default_factory=list)  # how, and the server's log
 
     @property
     def ok(self) -> bool:
-        return not self.violations and self.server_crash is None
+        """No invariant of the driver was violated (server crashes are reported apart)."""
+        return not self.violations
 
     @property
     def ops_total(self) -> int:
@@ -198,7 +200,7 @@ class FuzzResult:
                         "median": statistics.median(self.latencies) if self.latencies
                         else 0.0},
             "violations": [asdict(v) for v in self.violations],
-            "server_crash": self.server_crash,
+            "server_crashes": self.server_crashes,
         }
 
     def reproducer(self) -> dict[str, Any]:
@@ -356,7 +358,7 @@ class FuzzRun:
             self.watchdog = Watchdog(self.config.bound + self.config.max_outage + 30,
                                      inner.cancel_scope, self._hung)
             inner.start_soon(self.watchdog.run)
-            inner.start_soon(self._watch_server, inner.cancel_scope)
+            inner.start_soon(self._watch_server)
             inner.start_soon(self._supervise)
             await self._current_device()
             async with trio.open_nursery() as workload:
@@ -376,8 +378,8 @@ class FuzzRun:
             self._declare_dead(self.generation)  # let the supervisor close the device
             inner.cancel_scope.cancel()
 
-    async def _watch_server(self, run: trio.CancelScope) -> None:
-        """End the run if the server process dies without being killed by a fault."""
+    async def _watch_server(self) -> None:
+        """Report and restart the server when it dies without being killed by a fault."""
         server = self.server
         assert server is not None
         while True:
@@ -389,10 +391,15 @@ class FuzzRun:
                 if getattr(server, "process", None) is process and server.running:
                     how = (f"killed by signal {-code}" if code is not None and code < 0
                            else f"exit status {code}")
-                    self.result.server_crash = (f"{server!r} died on its own ({how}); "
-                                                f"its log ends: {server.log()[-1500:]!r}")
-                    run.cancel()
-                    return
+                    self.result.server_crashes.append(
+                        f"{server!r} died on its own at {self._elapsed():.1f}s ({how}); "
+                        f"its log ends: {server.log()[-1500:]!r}")
+                    self._record_fault("server-crash", {"how": how})
+                    server.kill()  # what is left of it: the listener
+                    server.start()
+                    self.server_starts.value += 1
+                    await server.wait_ready()
+                    continue
             await self.server_starts.wait_value(lambda n, seen=starts: n > seen)
 
     def _hung(self, tasks: list[str]) -> None:
@@ -595,8 +602,6 @@ class FuzzRun:
             self.model.unknown(op.offset, op.length)
 
     def _violation(self, operation: str, expected: str, found: str) -> None:
-        if self.result.server_crash is not None:
-            return  # the dead server explains it
         self.result.violations.append(Violation(operation, expected, found))
 
     # --- faults ---------------------------------------------------------------------------

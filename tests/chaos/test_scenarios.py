@@ -269,5 +269,9 @@ async def test_short_fuzz_run(kind):
                         size=16 * MiB, fault_interval=0.5)
     result = await FuzzRun(config).run()
     assert result.ok, result.violations
+    # A server crash is reported and the server restarted; the only one allowed here is
+    # nbdkit 1.32's known abort when a connection is cut while it replies.
+    for crash in result.server_crashes:
+        assert kind == "nbdkit" and "raw_send_socket: Assertion" in crash, crash
     assert result.ops_total > 500
     assert sum(result.faults_by_kind.values()) > 5
