@@ -50,3 +50,14 @@ def test_bench_quick_writes_the_promised_json(tmp_path):
     assert result["ratios"]["mixed-1m-qd16"]["qemu"] is None
     assert all(r["libnbd"] > 0 for r in result["ratios"].values())
     assert 0 < result["drain"]["p50_s"] <= result["drain"]["max_s"]
+
+
+def test_bench_copy_smoke(tmp_path):
+    out = tmp_path / "copy.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_copy.py"), "--size", "64M",
+                    "--runs", "1", "--json", str(out)], check=True, timeout=120,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["identical"] is True
+    assert set(result["results"]) == {f"{tool}->{dest}" for tool in ("blockdrv", "nbdcopy")
+                                      for dest in ("null", "file", "nbd")}
