@@ -14,31 +14,30 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.interop
 
 
-def test_bench_server_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_server.py"), "--size", "8M",
-                    "--runs", "1", "--json", str(out)], check=True, timeout=120,
+def run_script(script: str, tmp_path: Path, *args: str, timeout: float = 120) -> dict:
+    """Run a script with ``--json FILE`` (and ``args``); returns what it wrote."""
+    out = tmp_path / "out.json"
+    argv = ([str(ROOT / "scripts" / script)] if "." not in script
+            else [sys.executable, str(ROOT / "scripts" / script)])
+    subprocess.run(argv + [*args, "--json", str(out)], check=True, timeout=timeout,
                    capture_output=True)
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_server_smoke(tmp_path):
+    result = run_script("bench_server.py", tmp_path, "--size", "8M", "--runs", "1")
     assert set(result["mib_s"]) == {"embedded", "nbdkit"}
     assert result["ratio"] > 0
 
 
 def test_reconnect_recovery_smoke(tmp_path):
-    out = tmp_path / "recovery.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "reconnect_recovery.py"),
-                    "--runs", "1", "--outage", "1.2", "--json", str(out)], check=True,
-                   timeout=120, capture_output=True)
-    result = json.loads(out.read_text())
+    result = run_script("reconnect_recovery.py", tmp_path, "--runs", "1", "--outage", "1.2")
     assert set(result) == {"blockdrv", "blockdrv-fast-retry", "qemu-io"}
     assert all(len(times) == 1 and times[0] >= 0 for times in result.values())
 
 
 def test_bench_quick_writes_the_promised_json(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--repeat", "1", "--json",
-                    str(out)], check=True, timeout=300, capture_output=True)
-    result = json.loads(out.read_text())
+    result = run_script("bench", tmp_path, "--quick", "--repeat", "1", timeout=300)
     workloads = {"read-4k-qd1", "read-4k-qd64", "read-64k-qd16", "write-64k-qd16",
                  "read-1m-qd8", "write-1m-qd8", "mixed-1m-qd16"}
     clients = {(row["workload"], row["client"]) for row in result["results"]}
@@ -53,11 +52,7 @@ def test_bench_quick_writes_the_promised_json(tmp_path):
 
 
 def test_bench_copy_smoke(tmp_path):
-    out = tmp_path / "copy.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_copy.py"), "--size", "64M",
-                    "--runs", "1", "--json", str(out)], check=True, timeout=120,
-                   capture_output=True)
-    result = json.loads(out.read_text())
+    result = run_script("bench_copy.py", tmp_path, "--size", "64M", "--runs", "1")
     assert result["identical"] is True
     assert set(result["results"]) == {f"{tool}->{dest}" for tool in ("blockdrv", "nbdcopy")
                                       for dest in ("null", "file", "nbd")}
