@@ -370,7 +370,8 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
         async with open_endpoint(source, destination=False, connections=connections,
                                  requests=requests) as src, \
                 open_endpoint(destination, destination=True, size=src.size,
-                              connections=connections, requests=requests) as dst:
+                              connections=connections, requests=requests,
+                              source=src) as dst:
             if not show:
                 return await copy(src, dst, requests=requests, request_size=request_size,
                                   flush=flush, destination_is_zero=destination_is_zero)
@@ -401,6 +402,8 @@ def _server_tls(mode: str | None, cert: str | None, key: str | None,
                 ca: str | None) -> Any:
     from .tls import NO_TLS, TLSMode, TLSSettings, server_context
 
+    if mode is None and (key or ca) and not cert:
+        raise click.UsageError("--tls-key/--tls-ca given without --tls-cert")
     if mode is None:
         mode = "require" if cert else "off"
     if mode == "off":

@@ -83,6 +83,8 @@ class SyncDevice:
                     await self._close.wait()
                     nursery.cancel_scope.cancel()  # drained sections still held open
         except Exception as exc:
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # a task of ours failed: the failure itself
             self._error = exc
         finally:
             self._device = None
@@ -98,7 +100,7 @@ class SyncDevice:
 
         try:
             return trio.from_thread.run(call, trio_token=token)
-        except trio.RunFinishedError:
+        except (trio.RunFinishedError, trio.Cancelled):  # closed before or while it ran
             raise ConnectionLostError("the device is closed", errno=errno.EBADF) from None
 
     @property

@@ -14,8 +14,8 @@ The spec's downgrade rules are where NBD clients have had CVEs (a client told to
 require TLS that went on in plaintext), so, with ``TLSMode.REQUIRE``, every way TLS can
 fail ends the connection with :class:`TLSError`: a refused STARTTLS (the negotiator
 raises), a failed handshake (bad certificate, wrong host name, a peer that does not
-speak TLS), and plaintext bytes that arrived after the acknowledgement (they would
-otherwise be read as if they had come through TLS).  The client verifies the server's
+speak TLS), and plaintext bytes that arrived after the acknowledgement (a ProtocolError:
+they would otherwise be read as if they had come through TLS).  The client verifies the server's
 certificate and host name by default.
 
 Host name: ``tls_hostname`` if given, else the URI's ``tls-hostname`` parameter, else
@@ -77,19 +77,23 @@ def _mode(value: TLSMode | str | bool | None) -> TLSMode | None:
 def _load(what: str, load: object, *args: str) -> None:
     try:
         load(*args)  # type: ignore[operator]
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:  # its errno is OpenSSL's, not an OS one
+        raise TLSError(f"cannot load the {what} from {' and '.join(args)}: {exc}",
+                       errno=errno.EINVAL) from exc
+    except OSError as exc:
         raise TLSError(f"cannot load the {what} from {' and '.join(args)}: "
-                       f"{getattr(exc, 'strerror', None) or exc}",
-                       errno=getattr(exc, "errno", None) or errno.EINVAL) from exc
+                       f"{exc.strerror or exc}", errno=exc.errno or errno.EINVAL) from exc
 
 
 def client_context(*, ca: str | None = None, cert: str | None = None,
                    key: str | None = None, verify: bool = True) -> ssl.SSLContext:
     """An SSL context for the client: trusts ``ca`` (default: the system's CAs),
     presents ``cert``/``key`` when given, verifies the peer unless ``verify=False``."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca is not None:
+    if ca is not None:  # trust this CA only, as libnbd and qemu do (not the system's too)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         _load("CA certificates", context.load_verify_locations, ca)
+    else:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if cert is not None:
         _load("client certificate", context.load_cert_chain, cert, *([key] if key else []))
     if not verify:

@@ -349,11 +349,15 @@ class Channel:
                 close()
 
     async def aclose(self) -> None:
+        """Close the stream; a TLS goodbye (close_notify) gets at most a second."""
         with trio.CancelScope(shield=True):
-            try:
-                await self.stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            with trio.move_on_after(1.0) as polite:
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            if polite.cancelled_caught:  # a peer that stopped reading: just close
+                await trio.aclose_forcefully(self.stream)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

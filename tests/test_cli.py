@@ -161,6 +161,12 @@ def test_copy_checks_its_arguments(tmp_path):
     assert result.returncode != 0 and "only be the destination" in result.stderr
     result = blockdrv("copy", str(tmp_path / "missing.img"), "null:", check=False)
     assert result.returncode != 0 and "missing.img" in result.stderr
+    before = sha256(image)
+    result = blockdrv("copy", str(image), str(image), check=False)
+    assert result.returncode != 0 and "source of this copy" in result.stderr
+    assert sha256(image) == before  # not truncated
+    result = blockdrv("serve", "--memory", "1M", "--tls-ca", str(image), check=False)
+    assert result.returncode == 2 and "without --tls-cert" in result.stderr
 
 
 def test_errors_are_one_line(tmp_path):

@@ -8,6 +8,7 @@ qemu-nbd with x509 credentials, and nbdinfo against `blockdrv serve --tls-*`.
 from __future__ import annotations
 
 import errno
+import ssl
 import subprocess
 import sys
 from contextlib import asynccontextmanager
@@ -22,8 +23,9 @@ from support.streams import WrappedStream
 
 from blockdrv import InvalidArgumentError, OptionError, ProtocolError, open_nbd
 from blockdrv.protocol.constants import OPTION_REPLY_MAGIC, Option, OptionReply
+from blockdrv.protocol.options import encode_option
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.tls import TLSError, TLSMode, TLSSettings, server_context
+from blockdrv.tls import TLSError, TLSMode, TLSSettings, client_context, server_context
 
 MiB = 1024 * 1024
 URI = "nbds+unix:///?socket=/in-process"
@@ -208,6 +210,29 @@ async def test_a_server_that_comes_back_without_tls_is_refused(certs, autojump_c
                 srv.restart(tls=TLSSettings())  # plaintext only now
                 with pytest.raises(OSError, match="TLS"):
                     await dev.pread(512, 0)
+
+
+async def test_the_server_never_acts_on_plaintext_sent_behind_starttls(certs):
+    """CVE-2021-3716 (nbdkit): options injected after STARTTLS must not be obeyed."""
+    with trio.fail_after(30):
+        async with tls_server(certs.server_settings()) as (srv, _):
+            stream = await srv.connect()
+            starttls = encode_option(Option.STARTTLS)
+            injected = encode_option(Option.STRUCTURED_REPLY)
+            await stream.receive_some(18)  # greeting
+            await stream.send_all(b"\0\0\0\3" + starttls + injected)  # one packet
+            received = b""
+            while chunk := await stream.receive_some(1024):
+                received += chunk
+            assert PlaintextAfterAck.ACK not in received  # no TLS, no ACK: hung up
+
+
+def test_a_ca_given_is_the_only_one_trusted(certs):
+    context = client_context(ca=certs.path("ca-cert.pem"))
+    assert len(context.get_ca_certs()) == 1
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    with pytest.raises(TLSError, match="cannot load the CA certificates"):
+        client_context(ca=certs.path("server-key.pem"))
 
 
 # --- real peers ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ..protocol import (
     ExportInfo,
     Goal,
     NBDError,
+    ProtocolError,
     StartTLS,
 )
 from ..protocol.errors import ConnectionLostError
@@ -51,6 +52,9 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator,
     negotiation goes on inside TLS.  On an NBDError the soft-disconnect bytes
     (NBD_OPT_ABORT) are sent, best effort (never in plaintext once TLS was started).
     """
+    # With TLS 1.3 a server that refuses our client certificate says so only by closing
+    # the connection after the handshake: a hang-up at the first read inside TLS.
+    first_read_in_tls = False
     try:
         while True:
             event = negotiator.next_event()
@@ -59,15 +63,20 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator,
                 await channel.send(out)
             if event is NEED_DATA:
                 negotiator.receive_data(await channel.receive_some())
+                first_read_in_tls = False
             elif isinstance(event, StartTLS):
                 await upgrade(channel, tls)
                 negotiator.tls_started()
+                first_read_in_tls = True
             else:
                 channel.unread(negotiator.leftover())
                 return event
-    except NBDError:
+    except NBDError as exc:
         goodbye = negotiator.data_to_send() or negotiator.abort()
-        if goodbye and negotiator.phase is not Phase.TLS_UPGRADE:  # stream unusable
+        # No goodbye on a stream that cannot be trusted (a protocol violation) or is
+        # between STARTTLS and TLS (it would go out in plaintext).
+        if goodbye and not isinstance(exc, ProtocolError) \
+                and negotiator.phase is not Phase.TLS_UPGRADE:
             with trio.move_on_after(1):
                 try:
                     await channel.send(goodbye)
@@ -75,7 +84,7 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator,
                     pass
         raise
     except TransportError as exc:
-        if negotiator.tls:  # with TLS 1.3 a refused client certificate shows only here
+        if first_read_in_tls:
             raise TLSError(f"server closed the TLS connection during the handshake "
                            f"({negotiator.phase.value} phase; does it require a client "
                            f"certificate?): {exc}") from exc

@@ -10,8 +10,9 @@ its own: its own ``send_mutex``, ``receive_mutex``, cookie slots, connection wor
 ``reconnect_delay`` timer, so a member's outage and reconnect are exactly those of a
 single device, and the others carry on meanwhile.
 
-A request goes to the member with the fewest requests in flight (the first such one),
-through that member's port, so members count and drain their own requests.  This node
+A request goes to the connected member with the fewest requests in flight (a member
+that lost its connection gets nothing while another is connected), through that
+member's port, so members count and drain their own requests.  This node
 lists its members as its children: ``drained()`` closes this node's gate, waits for
 what it has in flight, then drains every member.
 
@@ -126,7 +127,16 @@ class MultiConnDevice(BlockNode):
     # --- routing ----------------------------------------------------------------------
 
     def _least_busy(self) -> NBDDevice:
-        return min(self.members, key=lambda member: member.in_flight.value)
+        """The connected member with the fewest requests in flight (any member if none
+        is connected: its own reconnect rules then apply)."""
+        best: NBDDevice | None = None
+        for member in self.members:
+            if member.state is State.CONNECTED and (
+                    best is None or member.in_flight.value < best.in_flight.value):
+                best = member
+        if best is None:
+            return min(self.members, key=lambda member: member.in_flight.value)
+        return best
 
     async def _write(self, call: Callable[[NBDDevice], Awaitable[T]]) -> T:
         """Run a data-changing request, counted as pending until it is replied to."""
@@ -170,7 +180,8 @@ class MultiConnDevice(BlockNode):
 
 def compatible(first: ExportInfo, other: ExportInfo) -> str | None:
     """Why ``other`` cannot serve alongside ``first`` (None: it can)."""
-    for name in ("size", "flags", "structured", "extended"):
+    for name in ("size", "flags", "structured", "extended", "tls", "min_block",
+                 "max_payload"):
         if getattr(first, name) != getattr(other, name):
             return (f"connection disagrees on {name}: {getattr(first, name)!r} "
                     f"vs {getattr(other, name)!r}")

@@ -3,25 +3,34 @@ LIST_META_CONTEXT (what ``nbdinfo --list`` and ``nbdinfo`` show)."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import replace
 from typing import Any, Sequence
+
+import trio
 
 from ..protocol import Goal
 from ..protocol.events import ExportsListed, MetaContextsListed
 from ..protocol.export import ExportEntry
 from ..protocol.uri import NBDAddress, parse_uri
 from ..tls import client_settings
+from .driver import ConnectError
 from .handshake import HandshakeOptions, StreamFactory, connect
+
+TIMEOUT = 30.0  # seconds a server may take to answer the whole question
 
 
 async def _ask(target: str | NBDAddress, options: HandshakeOptions, goal: Goal,
                stream_factory: StreamFactory | None, tls: dict[str, Any]) -> object:
     address = parse_uri(target) if isinstance(target, str) else target
     options = replace(options, tls=client_settings(address, **tls))
-    channel, event = await connect(address, options, goal=goal,
-                                   stream_factory=stream_factory)
-    await channel.aclose()
-    return event
+    with trio.move_on_after(TIMEOUT):
+        channel, event = await connect(address, options, goal=goal,
+                                       stream_factory=stream_factory)
+        await channel.aclose()
+        return event
+    raise ConnectError(f"{address} did not answer within {TIMEOUT:g}s",
+                       errno=errno.ETIMEDOUT)
 
 
 async def list_exports(target: str | NBDAddress, *,

@@ -263,6 +263,9 @@ class ServerNegotiator:
             raise _Reply(OptionReply.ERR_UNSUP, "TLS is not configured on this server")
         if self.tls:
             raise _Reply(OptionReply.ERR_INVALID, "TLS is already on")
+        if self._inbox:  # CVE-2021-3716 (nbdkit): never act on plaintext sent behind it
+            raise ProtocolError(f"client sent {len(self._inbox)} plaintext bytes after "
+                                "STARTTLS, before the TLS handshake")
         self._reply(option, OptionReply.ACK)
         self._phase = "tls-upgrade"
         return StartTLS()

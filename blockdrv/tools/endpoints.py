@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -32,6 +33,7 @@ class Endpoint:
     size = 0
     known_zero = False  # reads as zeroes everywhere before the copy writes anything
     connections = 1
+    identity: tuple[int, int] | None = None  # (device, inode) of a local file
 
     async def extents(self, count: int, offset: int) -> list[Extent]:
         """Allocation of ``offset .. offset + count`` (everything data if unknown)."""
@@ -111,7 +113,14 @@ class FileEndpoint(Endpoint):
             buf[got:] = bytes(len(buf) - got)
 
     async def write(self, buf: memoryview, offset: int) -> None:
-        await trio.to_thread.run_sync(os.pwritev, self.fd, [buf], offset)
+        await trio.to_thread.run_sync(self._write_all, buf, offset)
+
+    def _write_all(self, buf: memoryview, offset: int) -> None:
+        while buf:  # pwrite may write less than asked (a full disk, some filesystems)
+            done = os.pwrite(self.fd, buf, offset)
+            if done <= 0:
+                raise OSError(errno.EIO, f"{self.name}: short write at {offset}")
+            buf, offset = buf[done:], offset + done
 
     async def zero(self, count: int, offset: int) -> None:
         if not self.known_zero:
@@ -141,12 +150,14 @@ def is_nbd_uri(spec: str) -> bool:
 
 @asynccontextmanager
 async def open_endpoint(spec: str, *, destination: bool, size: int = 0,
-                        connections: int = 1, requests: int = 16
-                        ) -> AsyncIterator[Endpoint]:
+                        connections: int = 1, requests: int = 16,
+                        source: Endpoint | None = None) -> AsyncIterator[Endpoint]:
     """Open ``spec`` (an NBD URI, ``null:`` or a local file) as a copy endpoint.
 
-    A destination file is created or truncated and given ``size`` bytes.  Errors are
-    OSError/ValueError with a one-line message.
+    A destination regular file is created or truncated and given ``size`` bytes (other
+    destinations, e.g. block devices, are written in place); a destination that is the
+    ``source`` file itself is refused.  Errors are OSError/ValueError with a one-line
+    message.
     """
     if spec == "null:":
         if not destination:
@@ -160,15 +171,24 @@ async def open_endpoint(spec: str, *, destination: bool, size: int = 0,
                 raise OSError(errno.EROFS, f"{spec}: the export is read-only")
             yield NBDEndpoint(spec, dev)
     else:
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if destination else os.O_RDONLY
+        flags = os.O_RDWR | os.O_CREAT if destination else os.O_RDONLY
         try:
-            fd = os.open(spec, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(spec, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise OSError(exc.errno, f"{spec}: {exc.strerror}") from None
         try:
-            if destination:
+            info = os.fstat(fd)
+            identity = (info.st_dev, info.st_ino)
+            if source is not None and identity == source.identity:
+                raise ValueError(f"{spec} is the source of this copy as well")
+            regular = stat.S_ISREG(info.st_mode)
+            if destination and regular:  # a new, sparse, all-zero file of the right size
+                os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-            length = os.fstat(fd).st_size
-            yield FileEndpoint(spec, fd, length, known_zero=destination)
+            # st_size is 0 for block devices: ask where the end is
+            length = os.lseek(fd, 0, os.SEEK_END) if not regular else os.fstat(fd).st_size
+            endpoint = FileEndpoint(spec, fd, length, known_zero=destination and regular)
+            endpoint.identity = identity
+            yield endpoint
         finally:
             os.close(fd)
