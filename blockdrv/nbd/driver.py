@@ -223,6 +223,7 @@ class NBDDevice(BlockNode):
         self._next_slot = 0
         self._limits: dict[tuple[Command, int], int] = {}  # allowed (command, flags)
         self._current: ReplyHeader | None = None  # qemu's s->reply
+        self._sleepers = 0  # slots asleep in _sleep() until _wake()
         self._live_epoch = 0  # _epoch while CONNECTED, else 0 (one test on hot paths)
         self._channel: Channel | None = None
         self._wire: ExportInfo | None = None  # this connection's negotiation
@@ -743,18 +744,20 @@ class NBDDevice(BlockNode):
         """Sleep until ``_wake(slot)`` (qemu's qemu_coroutine_yield in the receive loop)."""
         slot.task = trio.lowlevel.current_task()
         slot.receiving = True
+        self._sleepers += 1
 
         def abort(_: object) -> trio.lowlevel.Abort:
             slot.receiving = False  # cancelled while asleep: nobody may wake us now
+            self._sleepers -= 1
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    @staticmethod
-    def _wake(slot: _Slot) -> None:
+    def _wake(self, slot: _Slot) -> None:
         """Wake a sleeping receiver (qemu's aio_co_wake)."""
         if slot.receiving:
             slot.receiving = False
+            self._sleepers -= 1
             assert slot.task is not None
             trio.lowlevel.reschedule(slot.task)
 
@@ -764,7 +767,7 @@ class NBDDevice(BlockNode):
         sleeper to read it (see the module docstring)."""
         if self._current is not None or self.receive_mutex.locked():
             return  # someone has the stream
-        if not any(slot is not None and slot.receiving for slot in self._slots):
+        if not self._sleepers:
             return  # nobody waits: a request arriving later reads for itself
         channel, wire = self._channel, self._wire
         if channel is not None and wire is not None and self._live_epoch == self._epoch:
