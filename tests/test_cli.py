@@ -197,6 +197,24 @@ def test_info_says_when_multi_conn_is_not_offered(tmp_path):
         assert out["exports"][0]["connections"] == 4
 
 
+@pytest.mark.parametrize("kind", SERVERS)
+def test_list_and_bench_on_every_server(kind, tmp_path):
+    image = patterned_image(tmp_path / "disk.img", 16 * MiB)
+    extra = {"qemu-nbd": ["-x", "disk"], "embedded": ["--export", "disk"],
+             "nbdkit": ["--filter=exportname", "exportname=disk",
+                        "exportname-list=explicit"]}[kind]
+    if kind == "nbdkit":
+        peer = Nbdkit(tmp_path, extra[0], "file", str(image), *extra[1:])
+    else:
+        peer = server(kind, tmp_path, image, *extra)
+    with peer:
+        listed = json.loads(blockdrv("list", "--json", peer.uri("disk")).stdout)
+        assert [e["export-name"] for e in listed] == ["disk"]
+        out = json.loads(blockdrv("bench", peer.uri("disk"), "--pattern", "mixed", "--size",
+                                  "64K", "--depth", "4", "--count", "200", "--json").stdout)
+        assert out["ops"] == 200 and out["iops"] > 0
+
+
 def test_bench_prints_figures(tmp_path):
     with Nbdkit(tmp_path, "memory", "16M") as peer:
         out = json.loads(blockdrv("bench", peer.uri(), "--pattern", "mixed", "--size",
