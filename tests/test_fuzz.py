@@ -167,6 +167,14 @@ def test_a_server_that_dies_on_its_own_is_reported_and_restarted(tmp_path):
     assert "timeout -s KILL" in summary["server_crashes"][0]
 
 
+def test_a_multi_conn_run_passes(tmp_path):
+    report = tmp_path / "out.json"
+    out = fuzz("--connections", "3", "--seed", "9", "--ops", "1500", "--size", "8M",
+               "--quiet", "--json", str(report), "--reproducer", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(report.read_text())["ops_total"] >= 1500
+
+
 def test_a_good_short_run_passes_and_writes_the_figures(tmp_path):
     report = tmp_path / "out.json"
     out = fuzz("--seed", "5", "--ops", "2000", "--size", "8M", "--quiet", "--json",

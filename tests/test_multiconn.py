@@ -10,7 +10,7 @@ from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
 from support.workload import workload
 from trio_util import AsyncValue
 
-from blockdrv import MultiConnDevice, NBDDevice, open_nbd
+from blockdrv import MultiConnDevice, NBDDevice, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.protocol.errors import InvalidArgumentError
 from blockdrv.server import Export, MemoryBackend
@@ -60,6 +60,24 @@ async def test_one_connection_is_a_plain_device():
             with pytest.raises(InvalidArgumentError, match="connections"):
                 async with open_nbd(URI, stream_factory=srv.connect, connections=0):
                     pass
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_state_is_the_worst_of_the_connections(autojump_clock):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
+            async with open_nbd(URI, stream_factory=srv.connect, connections=2,
+                                reconnect_delay=30, retry_initial=0.5) as dev:
+                assert dev.state is State.CONNECTED
+                srv.kill()
+                async with trio.open_nursery() as io:
+                    io.start_soon(dev.members[0].pread, 512, 0)  # notices, then waits
+                    assert await dev.wait_state(State.CONNECTING_WAIT) is \
+                        State.CONNECTING_WAIT
+                    assert dev.members[1].state is State.CONNECTED  # nothing noticed yet
+                    srv.restart()
+                    assert await dev.wait_state(State.CONNECTED) is State.CONNECTED
             nursery.cancel_scope.cancel()
 
 

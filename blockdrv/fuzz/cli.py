@@ -83,6 +83,8 @@ def _table(result: FuzzResult) -> Table:
 @click.option("--duration", type=float, help="Seconds of workload (default 30).")
 @click.option("--ops", type=int, help="Number of operations (instead of --duration).")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--connections", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Open the device with this many connections (multi-conn).")
 @click.option("--faults", "faults_text", default="default", show_default=True,
               help="Fault kinds, comma-separated: default, all, none, "
                    + ", ".join(ALL_FAULTS) + ".")
@@ -97,9 +99,9 @@ def _table(result: FuzzResult) -> Table:
               help="Run a reproducer again (its configuration and trace).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
-         ops: int | None, concurrency: int, faults_text: str, reconnect_delay: float,
-         size: int, json_file: str | None, reproducer: str | None, replay: str | None,
-         quiet: bool) -> None:
+         ops: int | None, concurrency: int, connections: int, faults_text: str,
+         reconnect_delay: float, size: int, json_file: str | None, reproducer: str | None,
+         replay: str | None, quiet: bool) -> None:
     """Put the NBD driver through a seeded fault-injection run and check invariants."""
     if duration is not None and ops is not None:
         raise click.UsageError("give --duration or --ops, not both")
@@ -110,7 +112,7 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         else:
             config = FuzzConfig(server=server, server_cmd=server_cmd, seed=seed,
                                 duration=duration, ops=ops, concurrency=concurrency,
-                                faults=parse_faults(faults_text),
+                                connections=connections, faults=parse_faults(faults_text),
                                 reconnect_delay=reconnect_delay, size=size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

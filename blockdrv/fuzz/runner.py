@@ -69,7 +69,7 @@ from ..block import (
     remove_filter,
 )
 from ..latency import quantile
-from ..nbd import NBDDevice, State, open_nbd
+from ..nbd import Device, State, open_nbd
 from ..protocol.errors import ConnectionLostError, ProtocolError, RequestError
 from .model import Model, RangeLocks
 from .proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER, FaultProxy
@@ -106,6 +106,7 @@ class FuzzConfig:
     max_outage: float = 3.0
     max_stall: float = 2.0
     max_in_flight: int = 16
+    connections: int = 1  # > 1: a multi-conn device (when the server offers it)
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(ALL_FAULTS)
@@ -119,6 +120,8 @@ class FuzzConfig:
                              f"{64 * self.block}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.connections < 1:
+            raise ValueError("connections must be at least 1")
         if self.max_outage + 2 >= self.reconnect_delay:
             raise ValueError(f"reconnect_delay ({self.reconnect_delay}s) must exceed the "
                              f"longest outage ({self.max_outage}s) by more than 2s")
@@ -347,7 +350,7 @@ class FuzzRun:
         return parse_uri(self.server.uri())
 
     @property
-    def device(self) -> NBDDevice | None:
+    def device(self) -> Device | None:
         return self.device_value.value  # type: ignore[no-any-return]
 
     async def _run_with_proxy(self, nursery: trio.Nursery) -> None:
@@ -429,8 +432,8 @@ class FuzzRun:
                             open_timeout=self.config.reconnect_delay,
                             retry_initial=0.1, retry_max=1.0,
                             max_in_flight=self.config.max_in_flight,
+                            connections=self.config.connections,
                             cancel_timeout=self.config.bound / 2) as device:
-            assert isinstance(device, NBDDevice)  # one connection
             self.generation += 1
             dead = trio.Event()
             self._dead = (self.generation, dead)
@@ -445,7 +448,7 @@ class FuzzRun:
             finally:
                 self._account(device)
 
-    def _account(self, device: NBDDevice) -> None:
+    def _account(self, device: Device) -> None:
         stats = device.statistics()
         self.result.reconnects += stats.reconnects
         if stats.reconnect_delay_expired:
@@ -460,13 +463,13 @@ class FuzzRun:
         if current == generation:
             event.set()
 
-    async def _watch_quit(self, device: NBDDevice, generation: int) -> None:
+    async def _watch_quit(self, device: Device, generation: int) -> None:
         await device.wait_state(State.QUIT)
         self._declare_dead(generation)
 
-    async def _current_device(self) -> NBDDevice:
+    async def _current_device(self) -> Device:
         """The open device (waits while the supervisor reopens a dead one)."""
-        device: NBDDevice = await self.device_value.wait_value(
+        device: Device = await self.device_value.wait_value(
             lambda d: d is not None and d.state is not State.QUIT)
         return device
 
@@ -539,7 +542,7 @@ class FuzzRun:
                 except ConnectionLostError:
                     pass
 
-    async def _call(self, device: NBDDevice, op: Op) -> Any:
+    async def _call(self, device: Device, op: Op) -> Any:
         if op.kind == "read":
             return await device.pread(op.length, op.offset)
         if op.kind == "write":
@@ -559,7 +562,7 @@ class FuzzRun:
         assert self.proxy is not None
         return self.proxy.injected["malformed"] > self.malformed_at_open[generation]
 
-    def _explain(self, exc: Exception, device: NBDDevice, generation: int,
+    def _explain(self, exc: Exception, device: Device, generation: int,
                  cancels: int) -> str | None:
         """Why a failure is acceptable, or None (a violation).  Drains, graph changes
         and the reconnect delay expiring never explain one."""
@@ -702,7 +705,7 @@ class FuzzRun:
             device.cancel_in_flight()
             self.result.faults_by_kind["cancel-in-flight"] += 1
 
-    async def _graph_change(self, device: NBDDevice, choice: float) -> None:
+    async def _graph_change(self, device: Device, choice: float) -> None:
         if self.filters and choice < 0.5:
             victim = self.filters.pop(int(choice * 2 * len(self.filters)) % len(self.filters))
             await remove_filter(victim)

@@ -32,6 +32,7 @@ import itertools
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
+import trio
 from trio_util import AsyncValue
 
 from ..node import BlockNode, Extent
@@ -89,11 +90,22 @@ class MultiConnDevice(BlockNode):
 
     @property
     def state(self) -> State:
-        """CONNECTED when every connection is; else the state of the first one not."""
-        for member in self.members:
-            if member.state is not State.CONNECTED:
-                return member.state
-        return State.CONNECTED
+        """The worst state of the connections: QUIT, CONNECTING_NOWAIT, CONNECTING_WAIT,
+        CONNECTED (CONNECTED only when every connection is)."""
+        return max((member.state for member in self.members), key=_SEVERITY.__getitem__)
+
+    async def wait_state(self, *states: State) -> State:
+        """Wait until :attr:`state` is one of ``states``; returns it."""
+        while self.state not in states:
+            async with trio.open_nursery() as nursery:
+                for member in self.members:
+                    nursery.start_soon(self._changed, member, nursery.cancel_scope)
+        return self.state
+
+    @staticmethod
+    async def _changed(member: NBDDevice, done: trio.CancelScope) -> None:
+        await member._state.wait_transition()
+        done.cancel()
 
     def statistics(self) -> DeviceStatistics:
         """The members' figures added up (``state`` as :attr:`state`)."""
@@ -176,6 +188,10 @@ class MultiConnDevice(BlockNode):
     async def _do_block_status(self, count: int, offset: int, *,
                                context: str = BASE_ALLOCATION) -> list[Extent]:
         return await self._least_busy().block_status(count, offset, context=context)
+
+
+_SEVERITY = {State.CONNECTED: 0, State.CONNECTING_WAIT: 1, State.CONNECTING_NOWAIT: 2,
+             State.QUIT: 3}
 
 
 def compatible(first: ExportInfo, other: ExportInfo) -> str | None:
