@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
@@ -19,36 +21,42 @@ MiB = 1024 * 1024
 BLOCK = 4096
 
 
+@asynccontextmanager
+async def multi_device(connections: int, *, export: Export | None = None, **options):
+    """A device over ``connections`` in-process connections; yields (device, server)."""
+    async with trio.open_nursery() as nursery:
+        srv = InProcessServer(nursery, export or Export("", MemoryBackend(MiB)))
+        async with open_nbd(URI, stream_factory=srv.connect, connections=connections,
+                            **options) as dev:
+            yield dev, srv
+        nursery.cancel_scope.cancel()
+
+
 async def test_requests_are_spread_over_every_connection(autojump_clock):
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
-            async with open_nbd(URI, stream_factory=srv.connect, connections=4) as dev:
-                assert isinstance(dev, MultiConnDevice)
-                assert dev.connections == 4 and srv.connections == 4
-                assert dev.connections_note == ""
-                assert dev.size == MiB and dev.info.can_multi_conn
-                shadow = bytearray(MiB)
-                await workload(dev, shadow, tasks=32, ops=40, seed=1)
-                await dev.flush()
-                per_member = [m.statistics().requests for m in dev.members]
-                assert all(n > 0 for n in per_member), per_member
-                stats = dev.statistics()
-                assert stats.requests == sum(per_member) >= 32 * 40
-                assert stats.in_flight == 0
-            nursery.cancel_scope.cancel()
+        async with multi_device(4) as (dev, srv):
+            assert isinstance(dev, MultiConnDevice)
+            assert dev.connections == 4 and srv.connections == 4
+            assert dev.connections_note == ""
+            assert dev.size == MiB and dev.info.can_multi_conn
+            shadow = bytearray(MiB)
+            await workload(dev, shadow, tasks=32, ops=40, seed=1)
+            await dev.flush()
+            per_member = [m.statistics().requests for m in dev.members]
+            assert all(n > 0 for n in per_member), per_member
+            stats = dev.statistics()
+            assert stats.requests == sum(per_member) >= 32 * 40
+            assert stats.in_flight == 0
 
 
 async def test_without_multi_conn_one_connection_is_used_and_the_note_says_why():
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB), multi_conn=False))
-            async with open_nbd(URI, stream_factory=srv.connect, connections=4) as dev:
-                assert dev.connections == 1 and srv.connections == 1
-                assert "does not advertise multi-conn" in dev.connections_note
-                await dev.pwrite(b"x" * 512, 0)
-                assert await dev.pread(512, 0) == b"x" * 512
-            nursery.cancel_scope.cancel()
+        export = Export("", MemoryBackend(MiB), multi_conn=False)
+        async with multi_device(4, export=export) as (dev, srv):
+            assert dev.connections == 1 and srv.connections == 1
+            assert "does not advertise multi-conn" in dev.connections_note
+            await dev.pwrite(b"x" * 512, 0)
+            assert await dev.pread(512, 0) == b"x" * 512
 
 
 async def test_one_connection_is_a_plain_device():
@@ -65,87 +73,76 @@ async def test_one_connection_is_a_plain_device():
 
 async def test_the_state_is_the_worst_of_the_connections(autojump_clock):
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
-            async with open_nbd(URI, stream_factory=srv.connect, connections=2,
-                                reconnect_delay=30, retry_initial=0.5) as dev:
-                assert dev.state is State.CONNECTED
-                srv.kill()
-                async with trio.open_nursery() as io:
-                    io.start_soon(dev.members[0].pread, 512, 0)  # notices, then waits
-                    assert await dev.wait_state(State.CONNECTING_WAIT) is \
-                        State.CONNECTING_WAIT
-                    assert dev.members[1].state is State.CONNECTED  # nothing noticed yet
-                    srv.restart()
-                    assert await dev.wait_state(State.CONNECTED) is State.CONNECTED
-            nursery.cancel_scope.cancel()
+        async with multi_device(2, reconnect_delay=30, retry_initial=0.5) as (dev, srv):
+            assert dev.state is State.CONNECTED
+            srv.kill()
+            async with trio.open_nursery() as io:
+                io.start_soon(dev.members[0].pread, 512, 0)  # notices, then waits
+                assert await dev.wait_state(State.CONNECTING_WAIT) is \
+                    State.CONNECTING_WAIT
+                assert dev.members[1].state is State.CONNECTED  # nothing noticed yet
+                srv.restart()
+                assert await dev.wait_state(State.CONNECTED) is State.CONNECTED
 
 
 async def test_flush_is_sent_only_after_the_writes_in_flight_were_replied_to(
         autojump_clock):
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            export = Export("", MemoryBackend(MiB))
-            srv = InProcessServer(nursery, export)
-            async with open_nbd(URI, stream_factory=srv.connect, connections=3) as dev:
-                traces = [TraceFilter() for _ in dev.members]
-                for member, trace in zip(dev.members, traces, strict=True):
-                    await insert_filter(member, trace)
-                export.faults.delay("write", 2.0)
-                writes_started = trio.Event()
+        export = Export("", MemoryBackend(MiB))
+        async with multi_device(3, export=export) as (dev, srv):
+            traces = [TraceFilter() for _ in dev.members]
+            for member, trace in zip(dev.members, traces, strict=True):
+                await insert_filter(member, trace)
+            export.faults.delay("write", 2.0)
+            writes_started = trio.Event()
 
-                async def writes() -> None:
-                    async with trio.open_nursery() as inner:
-                        for i in range(6):
-                            inner.start_soon(dev.pwrite, b"w" * BLOCK, i * BLOCK)
-                        await trio.testing.wait_all_tasks_blocked()
-                        writes_started.set()
+            async def writes() -> None:
+                async with trio.open_nursery() as inner:
+                    for i in range(6):
+                        inner.start_soon(dev.pwrite, b"w" * BLOCK, i * BLOCK)
+                    await trio.testing.wait_all_tasks_blocked()
+                    writes_started.set()
 
-                async with trio.open_nursery() as io:
-                    io.start_soon(writes)
-                    await writes_started.wait()
-                    await dev.flush()
-                    flushed_at = trio.current_time()
-                records = [r for t in traces for r in t.records]
-                write_ends = [r.start + r.latency for r in records if r.kind == "write"]
-                flush = [r for r in records if r.kind == "flush"]
-                assert len(write_ends) == 6 and len(flush) == 1
-                assert flush[0].start >= max(write_ends)
-                assert flushed_at >= max(write_ends)
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as io:
+                io.start_soon(writes)
+                await writes_started.wait()
+                await dev.flush()
+                flushed_at = trio.current_time()
+            records = [r for t in traces for r in t.records]
+            write_ends = [r.start + r.latency for r in records if r.kind == "write"]
+            flush = [r for r in records if r.kind == "flush"]
+            assert len(write_ends) == 6 and len(flush) == 1
+            assert flush[0].start >= max(write_ends)
+            assert flushed_at >= max(write_ends)
 
 
 async def test_drained_sections_and_a_server_restart_lose_nothing(autojump_clock):
     with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
-            async with open_nbd(URI, stream_factory=srv.connect, connections=3,
-                                reconnect_delay=30, retry_initial=0.5) as dev:
-                shadow = bytearray(MiB)
-                progress = AsyncValue(0)
-                drains = []
+        async with multi_device(3, reconnect_delay=30, retry_initial=0.5) as (dev, srv):
+            shadow = bytearray(MiB)
+            progress = AsyncValue(0)
+            drains = []
 
-                async def chaos() -> None:
-                    for round in range(6):
-                        goal = 150 * (round + 1)
-                        await progress.wait_value(lambda n, goal=goal: n >= goal)
-                        if round % 2:
-                            async with dev.drained():
-                                drains.append([m.in_flight.value for m in dev.members])
-                        else:
-                            srv.kill()
-                            await trio.sleep(1.0)  # the outage lasts a (virtual) second
-                            srv.restart()
+            async def chaos() -> None:
+                for round in range(6):
+                    goal = 150 * (round + 1)
+                    await progress.wait_value(lambda n, goal=goal: n >= goal)
+                    if round % 2:
+                        async with dev.drained():
+                            drains.append([m.in_flight.value for m in dev.members])
+                    else:
+                        srv.kill()
+                        await trio.sleep(1.0)  # the outage lasts a (virtual) second
+                        srv.restart()
 
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(chaos)
-                    await workload(dev, shadow, tasks=24, ops=60, seed=7, progress=progress)
-                assert drains == [[0, 0, 0]] * 3
-                stats = dev.statistics()
-                assert stats.reconnects >= 3  # every member reconnected at least once
-                for at in range(0, MiB, 64 * 1024):
-                    assert await dev.pread(64 * 1024, at) == shadow[at:at + 64 * 1024]
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as inner:
+                inner.start_soon(chaos)
+                await workload(dev, shadow, tasks=24, ops=60, seed=7, progress=progress)
+            assert drains == [[0, 0, 0]] * 3
+            stats = dev.statistics()
+            assert stats.reconnects >= 3  # every member reconnected at least once
+            for at in range(0, MiB, 64 * 1024):
+                assert await dev.pread(64 * 1024, at) == shadow[at:at + 64 * 1024]
 
 
 @pytest.mark.interop
