@@ -28,6 +28,7 @@ import trio
 
 from .latency import quantile
 from .node import BlockNode
+from .taskgroups import first_failure
 
 PATTERNS = ("read", "write", "mixed")
 GiB = 1 << 30
@@ -73,6 +74,7 @@ class BenchResult:
             out.update(drains=len(self.drain_seconds),
                        drain_p50=quantile(self.drain_seconds, 0.5),
                        drain_max=max(self.drain_seconds))
+        # (no drain keys when no drained section happened: too short a run)
         out.update(iops=self.iops, mib_s=self.mib_s, cpu_s_per_gib=self.cpu_s_per_gib,
                    p50=self.percentile(0.5), p90=self.percentile(0.9),
                    p99=self.percentile(0.99),
@@ -91,6 +93,10 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
         raise ValueError("request size and depth must be positive")
     if count is None and duration is None:
         raise ValueError("give a count or a duration")
+    if duration is not None and duration <= 0:
+        raise ValueError("the duration must be positive")
+    if span is not None and span > node.size:
+        raise ValueError(f"span {span} is larger than the export ({node.size} bytes)")
     span = span or node.size
     span -= span % request_size
     if span < request_size:
@@ -134,13 +140,16 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
             refilled, since_drain = trio.Event(), 0
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    async with trio.open_nursery() as outer:
-        if drains:
-            outer.start_soon(drainer)
-        async with trio.open_nursery() as nursery:
-            for _ in range(depth):
-                nursery.start_soon(worker)
-        outer.cancel_scope.cancel()  # the workers are done: no more drains to wait for
+    try:
+        async with trio.open_nursery() as outer:
+            if drains:
+                outer.start_soon(drainer)
+            async with trio.open_nursery() as nursery:
+                for _ in range(depth):
+                    nursery.start_soon(worker)
+            outer.cancel_scope.cancel()  # the workers are done: no more drains to wait for
+    except BaseExceptionGroup as group:
+        raise first_failure(group) from None  # a failed request, as itself
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return BenchResult(pattern, request_size, depth, len(latencies), moved, wall, cpu, rss,

@@ -37,16 +37,33 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
 SIZE = SizeType()
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror  # blockdrv's errors carry their whole message here
+    return str(exc)
+
+
 def one_line_errors(func: F) -> F:
-    """Turn OSError/ValueError from the library into a one-line click error."""
+    """Turn OSError/ValueError from the library (also inside task groups) into a
+    one-line click error."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except (OSError, ValueError) as exc:
-            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise click.ClickException(message) from None
+            raise click.ClickException(_one_line(exc)) from None
+        except BaseExceptionGroup as group:
+            leaves = _leaves(group)
+            if not all(isinstance(leaf, (OSError, ValueError)) for leaf in leaves):
+                raise
+            raise click.ClickException(_one_line(leaves[0])) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -163,8 +180,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
               help="Request size.")
 @click.option("--depth", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Requests in flight.")
-@click.option("--duration", type=float, default=10.0, show_default=True,
-              help="Seconds to run (unless --count).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds to run (unless --count).")
 @click.option("--count", type=click.IntRange(1), help="Run exactly this many requests.")
 @click.option("--span", type=SIZE, help="Bytes of the export to cycle over (default all).")
 @click.option("--socket-buffer", type=SIZE, help="SO_SNDBUF/SO_RCVBUF for the socket.")
@@ -207,9 +224,11 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
     click.echo(f"  latency p50 {summary['p50'] * us:.0f} us, p90 {summary['p90'] * us:.0f} us, "
                f"p99 {summary['p99'] * us:.0f} us, p99.9 {summary['p999'] * us:.0f} us, "
                f"max {summary['max'] * us:.0f} us")
-    if drains:
+    if drains and summary.get("drains"):
         click.echo(f"  drained sections: {summary['drains']}, time to quiesce p50 "
                    f"{summary['drain_p50'] * us:.0f} us, max {summary['drain_max'] * us:.0f} us")
+    elif drains:
+        click.echo("  drained sections: none (the run ended before the queue refilled)")
 
 
 def _uri_for(address: Any, export: str) -> str:
@@ -375,6 +394,7 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
             if not show:
                 return await copy(src, dst, requests=requests, request_size=request_size,
                                   flush=flush, destination_is_zero=destination_is_zero)
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -385,7 +405,8 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
 
             with Progress("[progress.description]{task.description}", BarColumn(),
                           DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                          TimeRemainingColumn(), transient=True) as bar:
+                          TimeRemainingColumn(), transient=True,
+                          console=Console(stderr=True)) as bar:
                 task = bar.add_task("copying", total=src.size)
                 return await copy(src, dst, requests=requests, request_size=request_size,
                                   flush=flush, destination_is_zero=destination_is_zero,

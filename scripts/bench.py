@@ -63,7 +63,7 @@ h.connect_uri(uri)
 payload = nbd.Buffer.from_bytearray(bytearray(os.urandom(size)))
 buffers = [nbd.Buffer(size) for _ in range(depth)]
 free = list(range(depth))
-state = {"done": 0, "issued": 0}
+state = {"done": 0, "issued": 0, "failed": 0}
 
 def issue():
     i = state["issued"]
@@ -72,6 +72,8 @@ def issue():
     offset = (i * size) % span
 
     def done(error, slot=slot):
+        if error.value:
+            state["failed"] += 1
         free.append(slot)
         state["done"] += 1
         return 1
@@ -88,6 +90,8 @@ while state["done"] < count:
     h.poll(-1)
 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
 h.shutdown()
+if state["failed"]:
+    sys.exit(f"{state['failed']} libnbd requests failed")
 print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "ops": count, "bytes": count * size}))
 """
 
@@ -183,8 +187,10 @@ def main() -> None:
         if args.uri:
             uri = args.uri
         else:
-            server = (Nbdkit(directory, "memory", "1G") if args.server == "nbdkit"
-                      else EmbeddedServer(directory, "--memory", "1G"))
+            # the export is the working set: qemu-img bench wraps at the image's end
+            size = f"{SPAN >> 20}M"
+            server = (Nbdkit(directory, "memory", size) if args.server == "nbdkit"
+                      else EmbeddedServer(directory, "--memory", size))
             server.start()
             uri = server.uri()
         try:

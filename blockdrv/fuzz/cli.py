@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import trio
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..cli import SIZE
+from ..taskgroups import first_failure
 from .runner import (
     ALL_FAULTS,
     DEFAULT_FAULTS,
@@ -132,8 +134,10 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         run = FuzzRun(config, replay=trace, on_progress=update)
         try:
             result = trio.run(run.run)
-        except (OSError, RuntimeError) as exc:
-            raise click.ClickException(f"the run could not start: {exc}") from None
+        except BaseExceptionGroup as group:
+            _could_not_run(first_failure(group))
+        except (OSError, RuntimeError, trio.TooSlowError) as exc:
+            _could_not_run(exc)
     if not quiet:
         console.print(_table(result))
     for v in result.violations:
@@ -144,8 +148,18 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
     if json_file:
         Path(json_file).write_text(json.dumps(result.summary(), indent=2))
     if result.violations or result.server_crashes:
-        path = Path(reproducer or f"blockdrv-fuzz-{config.seed}.json")
+        default = (f"{Path(replay).stem}.again.json" if replay
+                   else f"blockdrv-fuzz-{config.seed}.json")  # never overwrite the input
+        path = Path(reproducer or default)
         path.write_text(json.dumps(result.reproducer(), indent=1))
         click.echo(f"reproducer written to {path} (run it again with --replay {path})",
                    err=True)
         sys.exit(1 if result.violations else 3)
+
+
+def _could_not_run(exc: BaseException) -> NoReturn:
+    """The run could not start or went wrong outside the workload: exit status 2."""
+    if not isinstance(exc, (OSError, RuntimeError, trio.TooSlowError, ValueError)):
+        raise exc
+    click.echo(f"Error: the run could not go on: {exc}", err=True)
+    sys.exit(2)

@@ -70,7 +70,7 @@ from ..block import (
 )
 from ..latency import quantile
 from ..nbd import Device, State, open_nbd
-from ..protocol.errors import ConnectionLostError, ProtocolError, RequestError
+from ..protocol.errors import ConnectionLostError, NBDError, ProtocolError, RequestError
 from .model import Model, RangeLocks
 from .proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER, FaultProxy
 from .servers import CommandServer, EmbeddedServer, Nbdkit, Peer, QemuNbd, sparse_image
@@ -385,25 +385,36 @@ class FuzzRun:
         """Report and restart the server when it dies without being killed by a fault."""
         server = self.server
         assert server is not None
+        quick = 0  # crashes in a row less than a second after a start
         while True:
             starts = self.server_starts.value
             process = getattr(server, "process", None)
             if process is not None:
+                started = trio.current_time()
                 await _process_exit(process)
-                code = process.poll()
                 if getattr(server, "process", None) is process and server.running:
-                    how = (f"killed by signal {-code}" if code is not None and code < 0
-                           else f"exit status {code}")
-                    self.result.server_crashes.append(
-                        f"{server!r} died on its own at {self._elapsed():.1f}s ({how}); "
-                        f"its log ends: {server.log()[-1500:]!r}")
-                    self._record_fault("server-crash", {"how": how})
+                    self._server_crashed(process)
+                    quick = quick + 1 if trio.current_time() - started < 1.0 else 0
+                    if quick >= 3:  # it cannot even start: no point in going on
+                        raise RuntimeError(f"the server keeps dying at start: "
+                                           f"{self.result.server_crashes[-1]}")
                     server.kill()  # what is left of it: the listener
                     server.start()
                     self.server_starts.value += 1
                     await server.wait_ready()
                     continue
             await self.server_starts.wait_value(lambda n, seen=starts: n > seen)
+
+    def _server_crashed(self, process: Any) -> None:
+        """Record that the server process died on its own (it has exited)."""
+        assert self.server is not None
+        code = process.poll()
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit status {code}")
+        self.result.server_crashes.append(
+            f"{self.server!r} died on its own at {self._elapsed():.1f}s ({how}); "
+            f"its log ends: {self.server.log()[-1500:]!r}")
+        self._record_fault("server-crash", {"how": how})
 
     def _hung(self, tasks: list[str]) -> None:
         self._violation("the run", "progress at least every "
@@ -417,7 +428,7 @@ class FuzzRun:
         while True:
             try:
                 await self._one_device()
-            except ConnectionLostError as exc:  # could not (re)open: report, try again
+            except NBDError as exc:  # could not (re)open: report, try again
                 assert self.server is not None
                 self._violation("open the device", "opened within reconnect_delay "
                                 f"({self.config.reconnect_delay:g}s)",
@@ -644,6 +655,9 @@ class FuzzRun:
         assert proxy is not None and server is not None
         self._record_fault(kind, params)
         if kind == "kill":
+            process = getattr(server, "process", None)
+            if process is not None and process.poll() is not None:
+                self._server_crashed(process)  # it died before we could kill it
             server.kill()
             self.result.faults_by_kind["kill"] += 1
             await trio.sleep(params["outage"])

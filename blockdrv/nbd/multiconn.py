@@ -97,14 +97,15 @@ class MultiConnDevice(BlockNode):
     async def wait_state(self, *states: State) -> State:
         """Wait until :attr:`state` is one of ``states``; returns it."""
         while self.state not in states:
-            async with trio.open_nursery() as nursery:
-                for member in self.members:
-                    nursery.start_soon(self._changed, member, nursery.cancel_scope)
+            seen = [member.state for member in self.members]  # before waiting: no change
+            async with trio.open_nursery() as nursery:           # can slip in between
+                for member, state in zip(self.members, seen, strict=True):
+                    nursery.start_soon(self._changed, member, state, nursery.cancel_scope)
         return self.state
 
     @staticmethod
-    async def _changed(member: NBDDevice, done: trio.CancelScope) -> None:
-        await member._state.wait_transition()
+    async def _changed(member: NBDDevice, seen: State, done: trio.CancelScope) -> None:
+        await member._state.wait_value(lambda state: state is not seen)
         done.cancel()
 
     def statistics(self) -> DeviceStatistics:

@@ -104,8 +104,12 @@ class NBDServer:
         if os.path.exists(path):
             os.unlink(path)
         sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(128)
+        try:
+            await sock.bind(path)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
         self._unix_paths.append(path)
         await self.serve([trio.SocketListener(sock)], task_status=task_status)
 
@@ -113,7 +117,11 @@ class NBDServer:
                         task_status: trio.TaskStatus[list[trio.SocketListener]]
                         = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on a TCP port (0 picks a free one; see :attr:`addresses`)."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: "
+                                     f"{exc.strerror or exc}") from None
         await self.serve(listeners, task_status=task_status)
 
     async def serve_sockets(self, socks: Iterable[_stdlib_socket.socket], *,

@@ -25,6 +25,7 @@ from typing import Callable
 
 import trio
 
+from ..taskgroups import first_failure
 from .endpoints import ZERO, Endpoint
 
 KiB = 1024
@@ -110,12 +111,5 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
         if flush:
             await destination.flush()
     except BaseExceptionGroup as group:
-        raise _first(group) from None
+        raise first_failure(group) from None
     return CopyResult(size, moved["data"], moved["zero"], time.perf_counter() - started)
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    """The first real failure of a task group (the others were cancelled by it)."""
-    failures = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    first = (failures or list(group.exceptions))[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
