@@ -31,12 +31,17 @@ from __future__ import annotations
 import errno
 import os
 import socket as _stdlib_socket
+import struct
+from typing import Mapping
 
 import trio
 
 from .protocol.uri import NBDAddress
 
 DEFAULT_READ_AHEAD = 64 * 1024
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 
 
 class TransportError(ConnectionError):
@@ -232,6 +237,44 @@ class Channel:
                 return None
         return self._view[self._start:self._start + n]
 
+    async def peek_framed(self, sizes: Mapping[int, int]) -> memoryview:
+        """The next message, buffered but not consumed, whose size ``sizes[magic]`` is
+        known from its first four bytes (a big-endian u32, the magic).
+
+        Whatever ``sizes`` raises for an unknown magic (``__missing__``) propagates.
+        Cancellation-safe like :meth:`peek`; one call where a header would otherwise
+        take two peeks.
+        """
+        if self._end - self._start < 4:
+            await self._fill(4)
+        size = sizes[_U32.unpack_from(self._view, self._start)[0]]
+        if self._end - self._start < size:
+            await self._fill(size)
+        start = self._start
+        return self._view[start:start + size]
+
+    def peek_framed_nowait(self, sizes: Mapping[int, int]) -> memoryview | None:
+        """:meth:`peek_framed` if the whole message is here without waiting, else None
+        (reading the socket once, non-blocking, as :meth:`peek_nowait` does)."""
+        start = self._start
+        if self._end - start >= 4:
+            size = sizes[_U32.unpack_from(self._view, start)[0]]
+            if self._end - start >= size:
+                return self._view[start:start + size]
+            return self.peek_nowait(size)
+        head = self.peek_nowait(4)
+        if head is None:
+            return None
+        return self.peek_nowait(sizes[_U32.unpack_from(head)[0]])
+
+    async def receive_u64(self) -> int:
+        """The next 8 bytes as a big-endian u64 (cancellation-safe like :meth:`peek`)."""
+        if self._end - self._start < 8:
+            await self._fill(8)
+        (value,) = _U64.unpack_from(self._view, self._start)
+        self._start += 8
+        return int(value)
+
     def consume(self, n: int) -> None:
         """Drop ``n`` peeked bytes."""
         assert n <= self._end - self._start
@@ -301,7 +344,22 @@ class Channel:
         try:
             sock = self._sock
             if sock is not None:
-                views: list[memoryview] = [memoryview(b).cast("B") for b in buffers if len(b)]
+                if len(buffers) == 1 and type(buffers[0]) is bytes:
+                    # One header on its own (most requests): a plain send, usually the
+                    # only call.
+                    data = buffers[0]
+                    try:
+                        n = sock.send(data)
+                    except BlockingIOError:
+                        n = 0
+                    if n:
+                        sent_any = True
+                        self.bytes_sent += n
+                    if n == len(data):
+                        return
+                    views: list[memoryview] = [memoryview(data)[n:]]
+                else:
+                    views = [memoryview(b).cast("B") for b in buffers if len(b)]
                 while views:
                     try:
                         n = sock.sendmsg(views)

@@ -80,6 +80,7 @@ from trio_util import AsyncValue
 from ..node import BlockNode, Extent
 from ..protocol.constants import (
     BASE_ALLOCATION,
+    SIMPLE_REPLY_MAGIC,
     ChunkType,
     Command,
     CommandFlag,
@@ -99,13 +100,13 @@ from ..protocol.replies import ReplyState
 from ..protocol.uri import NBDAddress, parse_uri
 from ..protocol.wire import (
     ReplyHeader,
+    ReplyHeaderSizes,
     decode_block_status,
     decode_error,
     decode_hole,
-    decode_offset,
     decode_reply_header,
     encode_request,
-    reply_header_size,
+    reply_header_sizes,
 )
 from ..tls import TLSMode, client_settings
 from ..transport import DEFAULT_READ_AHEAD, Channel, TransportError
@@ -120,6 +121,10 @@ log = logging.getLogger("blockdrv.nbd")
 
 _ZEROES = bytes(1 << 20)
 _SCRATCH = bytearray(1 << 16)  # where discarded READ data goes (never read back)
+# Hot-path constants: looking up an enum member costs more than the check it is used in.
+_READ, _WRITE = Command.READ, Command.WRITE
+_OFFSET_DATA, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.NONE)
+_SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
 
 
 class _TransportFailure(Exception):
@@ -154,14 +159,15 @@ class _Slot:
     cancelled read picks up exactly where it stopped.
     """
 
-    __slots__ = ("cookie", "epoch", "wire", "channel", "reply", "buffer", "task", "receiving",
-                 "extents", "chunk", "kind", "at", "left", "payload")
+    __slots__ = ("cookie", "epoch", "wire", "sizes", "channel", "reply", "buffer", "task",
+                 "receiving", "extents", "chunk", "kind", "at", "left", "payload")
 
-    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, channel: Channel,
-                 reply: ReplyState, buffer: memoryview | None) -> None:
+    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, sizes: ReplyHeaderSizes,
+                 channel: Channel, reply: ReplyState, buffer: memoryview | None) -> None:
         self.cookie = cookie
         self.epoch = epoch
         self.wire = wire  # the negotiation of the connection it was sent on
+        self.sizes = sizes  # and its reply header sizes
         self.channel = channel  # that connection: its reply is read from there only
         self.reply = reply
         self.buffer = buffer  # READ destination; None: discard the data
@@ -218,6 +224,7 @@ class NBDDevice(BlockNode):
         self.receive_mutex = trio.Lock()
         self._state = AsyncValue(State.CONNECTING_NOWAIT)
         self._admission = trio.lowlevel.ParkingLot()
+        self._admission_parked = 0  # tasks parked in _admission (cheaper than len())
         self._admitted = 0  # qemu's s->in_flight: admitted attempts
         self._slots: list[_Slot | None] = [None] * max_in_flight
         self._next_slot = 0
@@ -227,6 +234,8 @@ class NBDDevice(BlockNode):
         self._live_epoch = 0  # _epoch while CONNECTED, else 0 (one test on hot paths)
         self._channel: Channel | None = None
         self._wire: ExportInfo | None = None  # this connection's negotiation
+        self._header_sizes = reply_header_sizes(structured=False, extended=False)  # its
+        self._context_ids: frozenset[int] = frozenset()  # and its meta context ids
         self._info: ExportInfo | None = None  # the first connection's (what users see)
         self._epoch = 0
         self._fatal: NBDError | None = None
@@ -386,6 +395,9 @@ class NBDDevice(BlockNode):
 
     def _install(self, channel: Channel, info: ExportInfo) -> None:
         self._channel, self._wire = channel, info
+        self._header_sizes = reply_header_sizes(structured=info.structured,
+                                                extended=info.extended)
+        self._context_ids = frozenset(info.contexts.values())
         self._epoch += 1
         self._current = None
         self._transition(Event.CONNECTED)
@@ -452,18 +464,22 @@ class NBDDevice(BlockNode):
 
     async def _admit(self) -> None:
         while not self._admissible():
+            self._admission_parked += 1
             try:
                 await self._admission.park()
             except BaseException:
                 self._admission.unpark()  # pass on a wake-up this task may have used
                 raise
+            finally:
+                self._admission_parked -= 1
         if self._fatal is not None:
             raise self._quit_error()
         self._admitted += 1
 
     def _release(self) -> None:
         self._admitted -= 1
-        self._admission.unpark()
+        if self._admission_parked:
+            self._admission.unpark()
 
     async def wait_connected(self) -> None:
         """Wait until the device is connected again.
@@ -576,10 +592,13 @@ class NBDDevice(BlockNode):
     async def _send_request(self, command: Command, offset: int, length: int, flags: int,
                             payload: memoryview | None, buffer: memoryview | None,
                             digest: bytes | None) -> _Slot:
-        await self._admit()
+        if self._live_epoch and self._admitted < self.max_in_flight and self._fatal is None:
+            self._admitted += 1  # connected with room: _admit() in short
+        else:
+            await self._admit()
         slot = None
         try:
-            if not self._connected():
+            if not self._live_epoch:
                 await self._reconnect_attempt()
                 if not self._connected():
                     raise _TransportFailure(_describe(self._worker.error)
@@ -588,12 +607,13 @@ class NBDDevice(BlockNode):
             assert wire is not None and channel is not None
             index = self._free_slot()
             reply = ReplyState(command, offset, length, flags, structured=wire.structured,
-                               extended=wire.extended,
-                               context_ids=frozenset(wire.contexts.values()))
-            slot = self._slots[index] = _Slot(index + 1, epoch, wire, channel, reply, buffer)
+                               extended=wire.extended, context_ids=self._context_ids)
+            slot = self._slots[index] = _Slot(index + 1, epoch, wire, self._header_sizes,
+                                              channel, reply, buffer)
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
-            await _lock(self.send_mutex)
+            send_mutex = self.send_mutex
+            await _lock(send_mutex)
             try:
                 if epoch != self._epoch or not self._connected() or channel.broken:
                     raise _TransportFailure("connection lost before sending")
@@ -612,7 +632,7 @@ class NBDDevice(BlockNode):
                         self._channel_failed(epoch, "a send was cancelled part-way")
                     raise
             finally:
-                self.send_mutex.release()
+                send_mutex.release()
             return slot
         except BaseException:
             if slot is not None:
@@ -662,7 +682,8 @@ class NBDDevice(BlockNode):
 
     async def _receive_chunks(self, slot: _Slot) -> None:
         """Consume chunks until the reply is finished (resumable after cancellation)."""
-        while not slot.finished:
+        reply = slot.reply
+        while not (reply.done and slot.chunk is None):  # not slot.finished
             header = slot.chunk or await self._wait_for_reply(slot)
             try:
                 await self._consume_chunk(slot, header)
@@ -683,19 +704,22 @@ class NBDDevice(BlockNode):
     async def _wait_for_reply(self, slot: _Slot) -> ReplyHeader:
         """Until the current reply is ``slot``'s, reading headers for others as needed."""
         while True:
-            self._check_alive(slot)
+            if slot.epoch != self._live_epoch:
+                self._check_alive(slot)  # raises
             current = self._current
             if current is not None:
                 if current.cookie == slot.cookie:
                     return current
                 await self._sleep(slot)  # someone else's reply is being consumed
                 continue
-            if self.receive_mutex.locked():
+            receive_mutex = self.receive_mutex
+            if receive_mutex.locked():
                 await self._sleep(slot)  # someone is reading the next header
                 continue
-            await _lock(self.receive_mutex)
+            receive_mutex.acquire_nowait()  # free, and nothing awaited since we looked
             try:
-                self._check_alive(slot)
+                if slot.epoch != self._live_epoch:
+                    self._check_alive(slot)  # raises
                 if self._current is not None:
                     continue
                 try:
@@ -711,17 +735,15 @@ class NBDDevice(BlockNode):
                 if owner is not slot:
                     self._wake(owner)
             finally:
-                self.receive_mutex.release()
+                receive_mutex.release()
 
     async def _read_header(self, slot: _Slot) -> ReplyHeader:
         """The next reply header on ``slot``'s connection (which is the current one)."""
-        channel, wire = slot.channel, slot.wire
+        channel = slot.channel
         try:
-            head = await channel.peek(4)  # cancellation-safe: nothing is consumed yet
-            size = reply_header_size(head, structured=wire.structured,
-                                     extended=wire.extended)
-            header = decode_reply_header(await channel.peek(size))
-            channel.consume(size)
+            raw = await channel.peek_framed(slot.sizes)  # cancellation-safe: a peek
+            header = decode_reply_header(raw)
+            channel.consume(len(raw))
         except TransportError as exc:
             self._channel_failed(slot.epoch, exc)
             raise _TransportFailure(str(exc)) from None
@@ -729,7 +751,8 @@ class NBDDevice(BlockNode):
             raise self._protocol_violation(exc) from None
         # The connection may have failed while we waited (a send cancelled part-way):
         # bytes that were already on their way still arrive, but their request is gone.
-        self._check_alive(slot)
+        if slot.epoch != self._live_epoch:
+            self._check_alive(slot)  # raises
         return header
 
     def _owner(self, header: ReplyHeader) -> _Slot:
@@ -769,18 +792,13 @@ class NBDDevice(BlockNode):
             return  # someone has the stream
         if not self._sleepers:
             return  # nobody waits: a request arriving later reads for itself
-        channel, wire = self._channel, self._wire
-        if channel is not None and wire is not None and self._live_epoch == self._epoch:
-            head = channel.peek_nowait(4)
-            raw = None
+        channel = self._channel
+        if channel is not None and self._live_epoch == self._epoch:
             try:
-                if head is not None:
-                    size = reply_header_size(head, structured=wire.structured,
-                                             extended=wire.extended)
-                    raw = channel.peek_nowait(size)
+                raw = channel.peek_framed_nowait(self._header_sizes)
                 if raw is not None:
                     header = decode_reply_header(raw)
-                    channel.consume(size)
+                    channel.consume(len(raw))
                     owner = self._owner(header)
                     self._current = header
                     self._wake(owner)
@@ -810,18 +828,17 @@ class NBDDevice(BlockNode):
         channel, reply = slot.channel, slot.reply
         if slot.chunk is not header:  # first visit: validate the header once
             slot.chunk, slot.kind, slot.payload = header, "", None
-            if header.simple:
+            if header.magic == _SIMPLE_MAGIC:  # header.simple
                 if reply.simple(header.error):  # READ data follows
                     slot.kind, slot.at, slot.left = "data", 0, reply.length
             else:
                 reply.chunk(header)
-                if header.type == ChunkType.OFFSET_DATA:
+                if header.type == _OFFSET_DATA:
                     slot.kind = "offset"
-                elif header.type != ChunkType.NONE:
+                elif header.type != _NONE:
                     slot.kind, slot.left = "payload", header.length
         if slot.kind == "offset":
-            offset = decode_offset(await channel.peek(8))
-            channel.consume(8)
+            offset = await channel.receive_u64()  # cancellation-safe: a peek, then consumed
             size = header.length - 8
             slot.kind, slot.at, slot.left = "data", reply.data(offset, size), size
         if slot.kind == "data":
@@ -899,15 +916,15 @@ class NBDDevice(BlockNode):
 
     async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
         pos = 0
-        for at, n in self._pieces(Command.READ, offset, len(buf)):
-            await self._request(Command.READ, at, n, buffer=buf[pos:pos + n])
+        for at, n in self._pieces(_READ, offset, len(buf)):
+            await self._request(_READ, at, n, buffer=buf[pos:pos + n])
             pos += n
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
         flags = CommandFlag.FUA if fua else 0
         pos = 0
-        for at, n in self._pieces(Command.WRITE, offset, len(buf), flags):
-            await self._request(Command.WRITE, at, n, flags, payload=buf[pos:pos + n])
+        for at, n in self._pieces(_WRITE, offset, len(buf), flags):
+            await self._request(_WRITE, at, n, flags, payload=buf[pos:pos + n])
             self._stats["bytes_written"] += n
             pos += n
 

@@ -56,6 +56,12 @@ _CONTENT = (ChunkType.OFFSET_DATA, ChunkType.OFFSET_HOLE)
 # Plain ints: ``int & IntFlag`` goes through the enum's reflected operator (slow).
 _DF = int(CommandFlag.DF)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
+# Likewise: an enum member lookup costs more than the check it is used in.
+_READ, _CMD_BLOCK_STATUS = int(Command.READ), int(Command.BLOCK_STATUS)
+_T_NONE, _T_OFFSET_DATA, _T_OFFSET_HOLE = (int(ChunkType.NONE), int(ChunkType.OFFSET_DATA),
+                                           int(ChunkType.OFFSET_HOLE))
+_T_BLOCK_STATUS, _T_BLOCK_STATUS_EXT = (int(ChunkType.BLOCK_STATUS),
+                                        int(ChunkType.BLOCK_STATUS_EXT))
 
 
 def _command_name(command: int) -> str:
@@ -103,16 +109,16 @@ class ReplyState:
         """A simple reply arrived; True if READ data of ``length`` bytes follows it."""
         if self.done or self._ranges or self._status_seen or self.error is not None:
             raise self._violation("simple reply after other reply messages")
-        if self.command == Command.READ and self.structured and wire_error == 0:
+        if self.command == _READ and self.structured and wire_error == 0:
             raise self._violation("successful simple reply to READ after structured "
                                   "replies were negotiated")
-        if self.command == Command.BLOCK_STATUS and wire_error == 0:
+        if self.command == _CMD_BLOCK_STATUS and wire_error == 0:
             raise self._violation("successful simple reply to BLOCK_STATUS")
         self.done = True
         if wire_error:
             self._set_error(wire_error, "", None)
             return False
-        if self.command == Command.READ:
+        if self.command == _READ:
             self.covered = self.length
             return self.length > 0
         return False
@@ -126,27 +132,27 @@ class ReplyState:
         if not self.structured:
             raise self._violation("structured chunk without structured replies")
         type_, length = header.type, header.length
-        if type_ == ChunkType.NONE:
+        if type_ == _T_NONE:
             if length:
                 raise self._violation(f"NONE chunk with a {length}-byte payload")
             if not header.done:
                 raise self._violation("NONE chunk without the DONE flag")
-        elif type_ == ChunkType.OFFSET_DATA or type_ == ChunkType.OFFSET_HOLE:
-            if self.command != Command.READ:
+        elif type_ == _T_OFFSET_DATA or type_ == _T_OFFSET_HOLE:
+            if self.command != _READ:
                 raise self._violation(f"{ChunkType(type_).name} chunk for a non-READ request")
             if self._content_chunks and self.flags & _DF:
                 raise self._violation("second content chunk despite DF (don't fragment)")
-            if type_ == ChunkType.OFFSET_HOLE:
+            if type_ == _T_OFFSET_HOLE:
                 if length != 12:
                     raise self._violation(f"OFFSET_HOLE chunk of {length} bytes")
             elif length < 9 or length - 8 > self.length:
                 raise self._violation(f"OFFSET_DATA chunk of {length} bytes for a "
                                       f"{self.length}-byte read")
             self._content_chunks += 1
-        elif type_ == ChunkType.BLOCK_STATUS or type_ == ChunkType.BLOCK_STATUS_EXT:
-            if self.command != Command.BLOCK_STATUS:
+        elif type_ == _T_BLOCK_STATUS or type_ == _T_BLOCK_STATUS_EXT:
+            if self.command != _CMD_BLOCK_STATUS:
                 raise self._violation("block status chunk for a non-BLOCK_STATUS request")
-            if (type_ == ChunkType.BLOCK_STATUS_EXT) != self.extended:
+            if (type_ == _T_BLOCK_STATUS_EXT) != self.extended:
                 raise self._violation(f"{ChunkType(type_).name} chunk does not match the "
                                       "negotiated header style")
             if length > MAX_BLOCK_STATUS_CHUNK:
@@ -164,6 +170,10 @@ class ReplyState:
         if start < self.offset or end > self.offset + self.length:
             raise self._violation(f"{what} {offset}+{size} outside the request")
         ranges = self._ranges
+        if not ranges:  # the first (usually the only) chunk
+            ranges.append((start, end))
+            self.covered += size
+            return start - self.offset
         i = bisect_right(ranges, (start, end))
         if (i and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
             raise self._violation(f"{what} {offset}+{size} overlaps an earlier chunk")
@@ -220,10 +230,10 @@ class ReplyState:
         if not self.done:
             raise self._violation("reply finished without a DONE chunk")
         if self.error is None:
-            if self.command == Command.READ and self.covered != self.length:
+            if self.command == _READ and self.covered != self.length:
                 raise self._violation(f"successful reply covers {self.covered} of "
                                       f"{self.length} bytes")
-            if self.command == Command.BLOCK_STATUS and self.structured \
+            if self.command == _CMD_BLOCK_STATUS and self.structured \
                     and self._status_seen != set(self.context_ids):
                 raise self._violation("successful reply lacks a block status chunk for "
                                       "some context")

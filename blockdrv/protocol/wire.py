@@ -169,6 +169,40 @@ def reply_header_size(data: bytes | bytearray | memoryview, *, structured: bool,
     raise ProtocolError(f"bad reply magic 0x{magic:08x}")
 
 
+class ReplyHeaderSizes(dict[int, int]):
+    """magic -> reply header size, for the magics the negotiated style allows.
+
+    Looking up any other magic raises the ProtocolError :func:`reply_header_size`
+    raises (``__missing__``), so a lookup is the whole check.  Share, don't mutate:
+    :func:`reply_header_sizes` hands out one per header style.
+    """
+
+    def __init__(self, *, structured: bool, extended: bool) -> None:
+        super().__init__()
+        self.structured = structured
+        self.extended = extended
+        if extended:
+            self[EXTENDED_REPLY_MAGIC] = EXTENDED_REPLY_SIZE
+        else:
+            self[SIMPLE_REPLY_MAGIC] = SIMPLE_REPLY_SIZE
+            if structured:
+                self[STRUCTURED_REPLY_MAGIC] = STRUCTURED_REPLY_SIZE
+
+    def __missing__(self, magic: int) -> int:
+        return reply_header_size(_U32.pack(magic), structured=self.structured,
+                                 extended=self.extended)  # raises
+
+
+_HEADER_SIZES = {(structured, extended): ReplyHeaderSizes(structured=structured,
+                                                          extended=extended)
+                 for structured in (False, True) for extended in (False, True)}
+
+
+def reply_header_sizes(*, structured: bool, extended: bool) -> ReplyHeaderSizes:
+    """The (shared) :class:`ReplyHeaderSizes` of a header style."""
+    return _HEADER_SIZES[(structured, extended)]
+
+
 def decode_reply_header(data: bytes | bytearray | memoryview) -> ReplyHeader:
     """Parse a whole reply header (size from :func:`reply_header_size`)."""
     n = len(data)
