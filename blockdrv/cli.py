@@ -16,6 +16,7 @@ import click
 import trio
 
 from . import __version__
+from .taskgroups import first_failure
 from .units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,12 +38,6 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
 SIZE = SizeType()
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
         return exc.strerror  # blockdrv's errors carry their whole message here
@@ -60,10 +55,10 @@ def one_line_errors(func: F) -> F:
         except (OSError, ValueError) as exc:
             raise click.ClickException(_one_line(exc)) from None
         except BaseExceptionGroup as group:
-            leaves = _leaves(group)
-            if not all(isinstance(leaf, (OSError, ValueError)) for leaf in leaves):
+            failure = first_failure(group)
+            if not isinstance(failure, (OSError, ValueError)):
                 raise
-            raise click.ClickException(_one_line(leaves[0])) from None
+            raise click.ClickException(_one_line(failure)) from None
 
     return wrapper  # type: ignore[return-value]
 

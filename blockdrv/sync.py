@@ -30,6 +30,7 @@ from .protocol.constants import BASE_ALLOCATION
 from .protocol.errors import ConnectionLostError
 from .protocol.export import ExportInfo
 from .protocol.uri import NBDAddress
+from .taskgroups import first_failure
 
 __all__ = ["SyncDevice", "open_nbd"]
 
@@ -82,24 +83,30 @@ class SyncDevice:
                     self._opened.set()
                     await self._close.wait()
                     nursery.cancel_scope.cancel()  # drained sections still held open
-        except Exception as exc:
-            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # a task of ours failed: the failure itself
-            self._error = exc
+        except Exception as exc:  # a task of ours failed: keep the failure itself
+            self._error = first_failure(exc) if isinstance(exc, ExceptionGroup) else exc
         finally:
             self._device = None
             self._opened.set()
 
     def _run(self, afn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        token = self._token
-        if token is None or self._device is None:
-            raise ConnectionLostError("the device is closed", errno=errno.EBADF)
-
+        """Run ``afn`` in the loop and wait for its result."""
         async def call() -> T:
             return await afn(*args, **kwargs)
 
+        return self._in_loop(lambda token: trio.from_thread.run(call, trio_token=token))
+
+    def _run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn`` in the loop thread (no await) and return its result."""
+        return self._in_loop(lambda token: trio.from_thread.run_sync(fn, *args,
+                                                                     trio_token=token))
+
+    def _in_loop(self, call: Callable[[trio.lowlevel.TrioToken], T]) -> T:
+        token = self._token
+        if token is None or self._device is None:
+            raise ConnectionLostError("the device is closed", errno=errno.EBADF)
         try:
-            return trio.from_thread.run(call, trio_token=token)
+            return call(token)
         except (trio.RunFinishedError, trio.Cancelled):  # closed before or while it ran
             raise ConnectionLostError("the device is closed", errno=errno.EBADF) from None
 
@@ -160,10 +167,7 @@ class SyncDevice:
 
     def statistics(self) -> nbd.DeviceStatistics:
         """A snapshot of the device's figures."""
-        return self._run(self._async_statistics)
-
-    async def _async_statistics(self) -> nbd.DeviceStatistics:
-        return self.device.statistics()
+        return self._run_sync(self.device.statistics)
 
     def pread(self, count: int, offset: int) -> bytes:
         """Read ``count`` bytes at ``offset``."""
@@ -202,10 +206,7 @@ class SyncDevice:
 
     def cancel_in_flight(self) -> None:
         """Fail requests waiting for a reconnect now."""
-        self._run(self._async_cancel_in_flight)
-
-    async def _async_cancel_in_flight(self) -> None:
-        self.device.cancel_in_flight()
+        self._run_sync(self.device.cancel_in_flight)
 
     def wait_connected(self) -> None:
         """Block until the device is connected again."""
@@ -219,7 +220,7 @@ class SyncDevice:
             yield
         finally:
             try:
-                self._run(self._async_set, release)
+                self._run_sync(release.set)
             except ConnectionLostError:
                 pass  # closed meanwhile: the section ended with the loop
 
@@ -232,7 +233,3 @@ class SyncDevice:
         async with self.device.drained():
             task_status.started(release)
             await release.wait()
-
-    @staticmethod
-    async def _async_set(event: trio.Event) -> None:
-        event.set()

@@ -399,11 +399,16 @@ class FuzzRun:
                         raise RuntimeError(f"the server keeps dying at start: "
                                            f"{self.result.server_crashes[-1]}")
                     server.kill()  # what is left of it: the listener
-                    server.start()
-                    self.server_starts.value += 1
-                    await server.wait_ready()
+                    await self._restart_server()
                     continue
             await self.server_starts.wait_value(lambda n, seen=starts: n > seen)
+
+    async def _restart_server(self) -> None:
+        """Start the (killed) server again; the watcher then watches the new process."""
+        assert self.server is not None
+        self.server.start()
+        self.server_starts.value += 1
+        await self.server.wait_ready()
 
     def _server_crashed(self, process: Any) -> None:
         """Record that the server process died on its own (it has exited)."""
@@ -661,9 +666,7 @@ class FuzzRun:
             server.kill()
             self.result.faults_by_kind["kill"] += 1
             await trio.sleep(params["outage"])
-            server.start()
-            self.server_starts.value += 1
-            await server.wait_ready()
+            await self._restart_server()
         elif kind == "cut":
             proxy.cut(params["direction"], params["after"])
         elif kind == "reset":
@@ -748,9 +751,7 @@ class FuzzRun:
         assert self.server is not None and self.proxy is not None
         self.proxy.clear()
         if not self.server.running:
-            self.server.start()
-            self.server_starts.value += 1
-            await self.server.wait_ready()
+            await self._restart_server()
         device = self.device
         if device is not None and device.state is not State.QUIT:
             for f in self.filters:

@@ -124,7 +124,6 @@ _SCRATCH = bytearray(1 << 16)  # where discarded READ data goes (never read back
 # Hot-path constants: looking up an enum member costs more than the check it is used in.
 _READ, _WRITE = Command.READ, Command.WRITE
 _OFFSET_DATA, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.NONE)
-_SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
 
 
 class _TransportFailure(Exception):
@@ -828,7 +827,7 @@ class NBDDevice(BlockNode):
         channel, reply = slot.channel, slot.reply
         if slot.chunk is not header:  # first visit: validate the header once
             slot.chunk, slot.kind, slot.payload = header, "", None
-            if header.magic == _SIMPLE_MAGIC:  # header.simple
+            if header.magic == SIMPLE_REPLY_MAGIC:  # header.simple, without a call
                 if reply.simple(header.error):  # READ data follows
                     slot.kind, slot.at, slot.left = "data", 0, reply.length
             else:

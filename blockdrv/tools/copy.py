@@ -65,7 +65,7 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
     known_zero = destination.known_zero or destination_is_zero
     send, receive = trio.open_memory_channel[tuple[bool, int, int]](requests)
     moved = {"data": 0, "zero": 0}
-    zeroes = bytes(request_size)
+    zeroes = memoryview(bytes(request_size))  # sliced for free, compared with memcmp
     report = progress or (lambda n: None)
 
     async def planner() -> None:
@@ -86,7 +86,8 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
         moved["zero"] += count
 
     async def worker(receive: trio.MemoryReceiveChannel[tuple[bool, int, int]]) -> None:
-        buf = memoryview(bytearray(request_size))
+        raw = bytearray(request_size)
+        buf = memoryview(raw)
         async with receive:
             async for is_zero, offset, count in receive:
                 if is_zero:
@@ -94,7 +95,9 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
                 else:
                     view = buf[:count]
                     await source.read(view, offset)
-                    if view == zeroes[:count]:
+                    # bytearray.startswith compares with memcmp; memoryview == goes
+                    # element by element (80 times slower for 256 KiB)
+                    if raw.startswith(zeroes[:count]):
                         await zero(count, offset)
                     else:
                         await destination.write(view, offset)
