@@ -21,7 +21,7 @@ from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
 from blockdrv import NBDError, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER, FaultProxy
-from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
+from blockdrv.fuzz.runner import OP_KINDS, FuzzConfig, FuzzRun
 from blockdrv.protocol import parse_uri
 
 pytestmark = pytest.mark.interop
@@ -273,5 +273,8 @@ async def test_short_fuzz_run(kind):
     # nbdkit 1.32's known abort when a connection is cut while it replies.
     for crash in result.server_crashes:
         assert kind == "nbdkit" and "raw_send_socket: Assertion" in crash, crash
-    assert result.ops_total > 500
+    # The run did real work under faults: every kind of operation was issued and checked
+    # (a count, not a rate: how many operations fit in 8 s depends on the machine).
+    assert set(result.ops_by_kind) == set(OP_KINDS), result.ops_by_kind
+    assert result.ops_by_kind["read"] > 20
     assert sum(result.faults_by_kind.values()) > 5
