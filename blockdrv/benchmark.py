@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import count as counter
 from typing import Any
 
 import trio
 
-from .latency import quantile
+from .latency import quantile, quantiles
 from .node import BlockNode
 from .taskgroups import first_failure
 
@@ -68,17 +68,17 @@ class BenchResult:
 
     def summary(self) -> dict[str, Any]:
         """Every figure as a JSON-friendly dict (latency percentiles in seconds)."""
-        out = asdict(self)
-        del out["latencies"], out["drain_seconds"]
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("latencies", "drain_seconds")}
         if self.drain_seconds:
             out.update(drains=len(self.drain_seconds),
                        drain_p50=quantile(self.drain_seconds, 0.5),
                        drain_max=max(self.drain_seconds))
         # (no drain keys when no drained section happened: too short a run)
+        p50, p90, p99, p999 = quantiles(self.latencies, (0.5, 0.9, 0.99, 0.999))
         out.update(iops=self.iops, mib_s=self.mib_s, cpu_s_per_gib=self.cpu_s_per_gib,
-                   p50=self.percentile(0.5), p90=self.percentile(0.9),
-                   p99=self.percentile(0.99),
-                   p999=self.percentile(0.999), max=max(self.latencies, default=0.0))
+                   p50=p50, p90=p90, p99=p99, p999=p999,
+                   max=max(self.latencies, default=0.0))
         return out
 
 
@@ -104,14 +104,13 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
     numbers = counter()
     payload = os.urandom(request_size)
     latencies: list[float] = []
-    moved = 0
     deadline = None if duration is None else trio.current_time() + duration
     drain_seconds: list[float] = []
     refilled = trio.Event()  # set once 2 * depth requests completed since the last drain
     since_drain = 0
 
     async def worker() -> None:
-        nonlocal moved, since_drain
+        nonlocal since_drain
         buf = bytearray(request_size)
         clock = trio.current_time
         for i in numbers:
@@ -125,7 +124,6 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
             else:
                 await node.pwrite(payload, offset)
             latencies.append(clock() - began)
-            moved += request_size
             since_drain += 1
             if since_drain >= 2 * depth:
                 refilled.set()
@@ -152,5 +150,6 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
         raise first_failure(group) from None  # a failed request, as itself
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return BenchResult(pattern, request_size, depth, len(latencies), moved, wall, cpu, rss,
+    ops = len(latencies)
+    return BenchResult(pattern, request_size, depth, ops, ops * request_size, wall, cpu, rss,
                        latencies, drain_seconds)

@@ -7,16 +7,16 @@ printed as one line on stderr with a non-zero exit status, never as a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import click
 import trio
 
 from . import __version__
-from .taskgroups import first_failure
 from .units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,8 +45,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def one_line_errors(func: F) -> F:
-    """Turn OSError/ValueError from the library (also inside task groups) into a
-    one-line click error."""
+    """Turn OSError/ValueError from the library into a one-line click error."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,11 +53,6 @@ def one_line_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (OSError, ValueError) as exc:
             raise click.ClickException(_one_line(exc)) from None
-        except BaseExceptionGroup as group:
-            failure = first_failure(group)
-            if not isinstance(failure, (OSError, ValueError)):
-                raise
-            raise click.ClickException(_one_line(failure)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -352,6 +346,26 @@ def map_command(uri: str, context: str, as_json: bool) -> None:
                    f"{describe_flags(context, e.flags)}")
 
 
+@contextlib.contextmanager
+def progress_bar(total: int) -> Iterator[Callable[[int], None]]:
+    """A transient byte progress bar on stderr; yields the function that advances it."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                  TimeRemainingColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("copying", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 @main.command(name="copy")
 @click.argument("source")
 @click.argument("destination")
@@ -386,26 +400,11 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
                 open_endpoint(destination, destination=True, size=src.size,
                               connections=connections, requests=requests,
                               source=src) as dst:
-            if not show:
-                return await copy(src, dst, requests=requests, request_size=request_size,
-                                  flush=flush, destination_is_zero=destination_is_zero)
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                          TimeRemainingColumn(), transient=True,
-                          console=Console(stderr=True)) as bar:
-                task = bar.add_task("copying", total=src.size)
+            with contextlib.ExitStack() as stack:
+                progress = stack.enter_context(progress_bar(src.size)) if show else None
                 return await copy(src, dst, requests=requests, request_size=request_size,
                                   flush=flush, destination_is_zero=destination_is_zero,
-                                  progress=lambda n: bar.advance(task, n))
+                                  progress=progress)
 
     result = trio.run(run)
     if not quiet:

@@ -22,6 +22,7 @@ each timed from asking to being inside (every request in flight answered).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -181,33 +182,28 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     drain_runs: list[dict] = []
     drains = 10 if args.quick else 100
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         directory = Path(tmp)
-        server = None
         if args.uri:
             uri = args.uri
         else:
             # the export is the working set: qemu-img bench wraps at the image's end
             size = f"{SPAN >> 20}M"
-            server = (Nbdkit(directory, "memory", size) if args.server == "nbdkit"
-                      else EmbeddedServer(directory, "--memory", size))
-            server.start()
+            server = stack.enter_context(
+                Nbdkit(directory, "memory", size) if args.server == "nbdkit"
+                else EmbeddedServer(directory, "--memory", size))
             uri = server.uri()
-        try:
-            fill(uri, directory)
-            for _ in range(args.repeat):
-                for name in names:
-                    pattern, size, depth, count = WORKLOADS[name]
-                    for client in CLIENTS:
-                        raw = RUNNERS[client](uri, pattern, size, depth,
-                                              max(count // scale, depth * 4))
-                        if raw is not None:
-                            runs.setdefault((name, client), []).append(figures(raw) | {
-                                "peak_rss": raw.get("peak_rss")})
-                drain_runs.append(run_drains(uri, drains))
-        finally:
-            if server is not None:
-                server.stop()
+        fill(uri, directory)
+        for _ in range(args.repeat):
+            for name in names:
+                pattern, size, depth, count = WORKLOADS[name]
+                for client in CLIENTS:
+                    raw = RUNNERS[client](uri, pattern, size, depth,
+                                          max(count // scale, depth * 4))
+                    if raw is not None:
+                        runs.setdefault((name, client), []).append(figures(raw) | {
+                            "peak_rss": raw.get("peak_rss")})
+            drain_runs.append(run_drains(uri, drains))
 
     results, ratios = [], {}
     for name in names:

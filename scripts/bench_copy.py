@@ -53,7 +53,6 @@ def main() -> None:
     blockdrv = [str(ROOT / ".venv" / "bin" / "blockdrv"), "copy", "--quiet"]
     tools = {"blockdrv": blockdrv, "nbdcopy": ["nbdcopy"]}
     times: dict[tuple[str, str], list[float]] = {}
-    digests: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         (directory / "src").mkdir()
@@ -69,7 +68,7 @@ def main() -> None:
                                         ("nbd", target.uri())):
                         times.setdefault((tool, dest), []).append(
                             timed(argv + [source.uri(), where]))
-                    digests[tool] = sha256(out)
+            digests = {tool: sha256(directory / f"{tool}.img") for tool in tools}
     mib = size / (1 << 20)
     table = {f"{tool}->{dest}": {"seconds": statistics.median(t),
                                   "mib_s": mib / statistics.median(t)}

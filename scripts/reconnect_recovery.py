@@ -16,18 +16,14 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support.peers import Nbdkit, sparse_image  # noqa: E402
-
-from blockdrv import open_nbd  # noqa: E402
+from blockdrv import open_nbd
+from blockdrv.fuzz.servers import Nbdkit, sparse_image
 
 
 async def blockdrv_run(server: Nbdkit, outage: float, **retry: float) -> float:

@@ -71,6 +71,12 @@ class NBDAddress:
         return f"{host}:{self.port}"
 
 
+def is_nbd_uri(text: str) -> bool:
+    """True if ``text`` starts with an NBD URI scheme (``parse_uri`` may still refuse
+    the rest); false for a local path."""
+    return text.split(":", 1)[0].lower() in _SCHEMES
+
+
 def parse_uri(text: str) -> NBDAddress:
     """Parse an NBD URI; ValueError with a message naming the problem if it is bad."""
     if not isinstance(text, str):

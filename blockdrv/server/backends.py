@@ -195,6 +195,76 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+# The file system calls below take a file descriptor and block: run them in a worker
+# thread.  The server's FileBackend and ``blockdrv copy``'s local files both use them.
+
+def data_runs(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE."""
+    end = offset + length
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                runs.append((pos, end - pos, False))
+                break
+            runs.append((pos, end - pos, True))  # no SEEK_DATA here: all data
+            break
+        if data > pos:
+            runs.append((pos, min(data, end) - pos, False))
+            pos = min(data, end)
+            if pos >= end:
+                break
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        runs.append((pos, hole - pos, True))
+        pos = hole
+    return runs
+
+
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``, retrying short reads; the byte count read (less
+    only at the end of the file: the file shrank under us)."""
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return got
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short write at {offset + done}")
+        done += n
+
+
+def zero_range(fd: int, offset: int, length: int, *, may_trim: bool = True,
+               fast: bool = False) -> None:
+    """Make a range read as zeroes: punch a hole (when ``may_trim``) or zero it with
+    fallocate, else write zeroes 1 MiB at a time (FastZeroUnsupported when ``fast``)."""
+    modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if may_trim else []
+    modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+    for mode in modes:
+        try:
+            fallocate(fd, mode, offset, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+    if fast:
+        raise FastZeroUnsupported()
+    zeroes = memoryview(bytes(min(length, 1 << 20)))
+    for pos in range(0, length, len(zeroes)):
+        pwrite_all(fd, zeroes[:min(len(zeroes), length - pos)], offset + pos)
+
+
 class FileBackend(Backend):
     """A file (or block device) with holes found by SEEK_DATA/SEEK_HOLE."""
 
@@ -221,44 +291,14 @@ class FileBackend(Backend):
             return False
         return True
 
-    def _runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE."""
-        end = offset + length
-        runs: list[tuple[int, int, bool]] = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
-                    runs.append((pos, end - pos, False))
-                    break
-                runs.append((pos, end - pos, True))  # no SEEK_DATA here: all data
-                break
-            if data > pos:
-                runs.append((pos, min(data, end) - pos, False))
-                pos = min(data, end)
-                if pos >= end:
-                    break
-            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-            runs.append((pos, hole - pos, True))
-            pos = hole
-        return runs
-
     def _read_sync(self, offset: int, length: int) -> list[Segment]:
         segments: list[Segment] = []
-        for at, n, is_data in self._runs(offset, length):
+        for at, n, is_data in data_runs(self.fd, offset, length):
             if not is_data:
                 segments.append((at, n, None))
                 continue
-            buf = bytearray(n)
-            view = memoryview(buf)
-            got = 0
-            while got < n:
-                k = os.preadv(self.fd, [view[got:]], at + got)
-                if k == 0:  # the file shrank under us: what is missing reads as zeroes
-                    break
-                got += k
+            view = memoryview(bytearray(n))
+            pread_full(self.fd, view, at)  # what is missing reads as zeroes
             segments.append((at, n, [view]))
         return segments
 
@@ -266,9 +306,7 @@ class FileBackend(Backend):
         return await trio.to_thread.run_sync(self._read_sync, offset, length)
 
     def _write_sync(self, offset: int, data: memoryview, fua: bool) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        pwrite_all(self.fd, data, offset)
         if fua:
             os.fdatasync(self.fd)
 
@@ -279,24 +317,7 @@ class FileBackend(Backend):
 
     def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool,
                    fua: bool) -> None:
-        modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if may_trim else []
-        modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, offset, length)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-        else:
-            if fast:
-                raise FastZeroUnsupported()
-            zeroes = bytes(min(length, 1 << 20))
-            pos = 0
-            while pos < length:
-                n = min(len(zeroes), length - pos)
-                self._write_sync(offset + pos, memoryview(zeroes)[:n], False)
-                pos += n
+        zero_range(self.fd, offset, length, may_trim=may_trim, fast=fast)
         if fua:
             os.fdatasync(self.fd)
 
@@ -324,7 +345,7 @@ class FileBackend(Backend):
 
     def _status_sync(self, offset: int, length: int) -> list[tuple[int, int]]:
         runs = [(n, 0 if is_data else HOLE_FLAGS) for _, n, is_data in
-                self._runs(offset, length)]
+                data_runs(self.fd, offset, length)]
         return merge_extents(runs)[:MAX_EXTENTS]
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import trio
 
+from ..taskgroups import first_failure
 from .server import NBDServer
 
 SD_LISTEN_FDS_START = 3
@@ -38,7 +39,10 @@ def activated_sockets() -> list[socket.socket]:
 async def serve_until_signalled(server: NBDServer, *, unix: str | None = None,
                                 bind: str = "127.0.0.1", port: int | None = None,
                                 announce: Callable[[str], None] = print) -> None:
-    """Serve, announce the URI, and stop gracefully on SIGINT/SIGTERM."""
+    """Serve, announce the URI, and stop gracefully on SIGINT/SIGTERM.
+
+    A failure (e.g. the address is in use) is raised as itself, not in a group.
+    """
     activated = activated_sockets() if unix is None and port is None else []
     if unix is not None:
         serve = partial(server.serve_unix, unix)
@@ -47,21 +51,24 @@ async def serve_until_signalled(server: NBDServer, *, unix: str | None = None,
     else:
         serve = partial(server.serve_tcp, bind, 10809 if port is None else port)
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def serve_then_stop(task_status: trio.TaskStatus[object]) -> None:
-                try:
-                    await serve(task_status=task_status)
-                finally:
-                    nursery.cancel_scope.cancel()  # served to the end: stop watching signals
+                async def serve_then_stop(task_status: trio.TaskStatus[object]) -> None:
+                    try:
+                        await serve(task_status=task_status)
+                    finally:
+                        nursery.cancel_scope.cancel()  # served to the end: stop watching
 
-            await nursery.start(serve_then_stop)
-            announce(str(server.addresses[0]))
-            count = 0
-            async for _ in signals:
-                count += 1
-                if count == 1:
-                    server.shutdown()
-                else:
-                    server.kill()
+                await nursery.start(serve_then_stop)
+                announce(str(server.addresses[0]))
+                count = 0
+                async for _ in signals:
+                    count += 1
+                    if count == 1:
+                        server.shutdown()
+                    else:
+                        server.kill()
+    except BaseExceptionGroup as group:
+        raise first_failure(group) from None

@@ -5,13 +5,14 @@ Theory of operation
 A *planner* task walks the source's allocation (base:allocation block status for an
 NBD source, SEEK_DATA/SEEK_HOLE for a file) and sends pieces down a memory channel:
 data pieces of at most ``request_size`` bytes, zero pieces (ranges that read as zeroes)
-of at most ``ZERO_PIECE`` bytes.  ``requests`` worker tasks take pieces from the channel,
+of at most ``ZERO_PIECE`` bytes.  Zero ranges of a destination that already reads as
+zeroes (a fresh file, ``null:``, ``destination_is_zero``) cost nothing: the planner
+only counts them as done.  ``requests`` worker tasks take pieces from the channel,
 each with its own buffer, so at most ``requests`` pieces are in flight and memory stays
 at ``requests * request_size``.  A data piece is read from the source and written to
 the destination, unless it turns out to be all zeroes: then it is handled as a zero
-piece.  A zero piece costs nothing when the destination is known to read as zeroes
-already (a fresh file, ``null:``, ``destination_is_zero``); otherwise it becomes
-WRITE_ZEROES (with trim allowed), or zero bytes written when the destination cannot.
+piece.  A zero piece becomes WRITE_ZEROES (with trim allowed), or zero bytes written
+when the destination cannot (nothing at all when the destination reads as zeroes).
 So nothing is written for holes, and the destination stays as sparse as the source.
 
 The first failure stops the copy and is raised as itself (never an ExceptionGroup).
@@ -25,12 +26,13 @@ from typing import Callable
 
 import trio
 
+from ..protocol.constants import StateFlag
 from ..taskgroups import first_failure
-from .endpoints import ZERO, Endpoint
+from .endpoints import Endpoint
+from .extents import WINDOW
 
 KiB = 1024
 ZERO_PIECE = 64 << 20
-EXTENT_WINDOW = 1 << 30
 
 
 @dataclass
@@ -64,7 +66,7 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
                          f"{source.name} ({size} bytes)")
     known_zero = destination.known_zero or destination_is_zero
     send, receive = trio.open_memory_channel[tuple[bool, int, int]](requests)
-    moved = {"data": 0, "zero": 0}
+    data_bytes = 0  # every other byte of the source reads as zeroes
     zeroes = memoryview(bytes(request_size))  # sliced for free, compared with memcmp
     report = progress or (lambda n: None)
 
@@ -72,36 +74,34 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
         async with send:
             pos = 0
             while pos < size:
-                for extent in await source.extents(min(EXTENT_WINDOW, size - pos), pos):
-                    is_zero = bool(extent.flags & ZERO)
+                for extent in await source.block_status(min(WINDOW, size - pos), pos):
+                    is_zero = bool(extent.flags & StateFlag.ZERO)
+                    pos = extent.offset + extent.length
+                    if is_zero and known_zero:
+                        report(extent.length)  # already zeroes there: nothing to do
+                        continue
                     piece = ZERO_PIECE if is_zero else request_size
-                    end = extent.offset + extent.length
-                    for at in range(extent.offset, end, piece):
-                        await send.send((is_zero, at, min(piece, end - at)))
-                    pos = end
-
-    async def zero(count: int, offset: int) -> None:
-        if not known_zero:
-            await destination.zero(count, offset)
-        moved["zero"] += count
+                    for at in range(extent.offset, pos, piece):
+                        await send.send((is_zero, at, min(piece, pos - at)))
 
     async def worker(receive: trio.MemoryReceiveChannel[tuple[bool, int, int]]) -> None:
+        nonlocal data_bytes
         raw = bytearray(request_size)
         buf = memoryview(raw)
         async with receive:
             async for is_zero, offset, count in receive:
                 if is_zero:
-                    await zero(count, offset)
+                    await destination.zero(count, offset)
                 else:
                     view = buf[:count]
                     await source.read(view, offset)
                     # bytearray.startswith compares with memcmp; memoryview == goes
                     # element by element (80 times slower for 256 KiB)
-                    if raw.startswith(zeroes[:count]):
-                        await zero(count, offset)
-                    else:
+                    if not raw.startswith(zeroes[:count]):
                         await destination.write(view, offset)
-                        moved["data"] += count
+                        data_bytes += count
+                    elif not known_zero:
+                        await destination.zero(count, offset)
                 report(count)
 
     started = time.perf_counter()
@@ -115,4 +115,4 @@ async def copy(source: Endpoint, destination: Endpoint, *, requests: int = 16,
             await destination.flush()
     except BaseExceptionGroup as group:
         raise first_failure(group) from None
-    return CopyResult(size, moved["data"], moved["zero"], time.perf_counter() - started)
+    return CopyResult(size, data_bytes, size - data_bytes, time.perf_counter() - started)

@@ -1,11 +1,12 @@
 """The two ends of ``blockdrv copy``: an NBD export, a local file, or ``null:``.
 
 Every endpoint offers what the copy needs, in the same units as a block node: ``size``,
-``extents`` (allocation as base:allocation flags: 1 hole, 2 reads as zeroes), reading
-into a buffer, writing, writing zeroes, ``flush`` and ``known_zero`` (the destination
-already reads as zeroes everywhere, so holes need no request at all).  Local files are
-read and written in trio's worker threads (``os.preadv``/``os.pwrite``); their
-allocation comes from SEEK_DATA/SEEK_HOLE.  A local destination file is created or
+``block_status`` (base:allocation extents, so ``map_extents`` walks it as it walks a
+node), reading into a buffer, writing, writing zeroes, ``flush`` and ``known_zero`` (the
+destination already reads as zeroes everywhere, so holes need no request at all).
+Local files go through the embedded server's file functions (``data_runs`` from
+SEEK_DATA/SEEK_HOLE, ``pread_full``, ``pwrite_all``, ``zero_range``) in trio's worker
+threads.  A local destination file is created or
 truncated and grown to the source's size, so it starts sparse and all zeroes.
 """
 
@@ -22,8 +23,8 @@ import trio
 from ..nbd import Device, open_nbd
 from ..node import Extent
 from ..protocol.constants import BASE_ALLOCATION
-
-HOLE, ZERO = 1, 2
+from ..protocol.uri import is_nbd_uri
+from ..server.backends import HOLE_FLAGS, data_runs, pread_full, pwrite_all, zero_range
 
 
 class Endpoint:
@@ -32,10 +33,10 @@ class Endpoint:
     name = ""
     size = 0
     known_zero = False  # reads as zeroes everywhere before the copy writes anything
-    connections = 1
     identity: tuple[int, int] | None = None  # (device, inode) of a local file
 
-    async def extents(self, count: int, offset: int) -> list[Extent]:
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
         """Allocation of ``offset .. offset + count`` (everything data if unknown)."""
         return [Extent(offset, count, 0)]
 
@@ -60,13 +61,13 @@ class NBDEndpoint(Endpoint):
     def __init__(self, name: str, device: Device) -> None:
         self.name, self.device = name, device
         self.size = device.size
-        self.connections = device.connections
         self._zero_buf = b""
 
-    async def extents(self, count: int, offset: int) -> list[Extent]:
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
         if not self.device.info.can_block_status:
-            return await super().extents(count, offset)
-        return await self.device.block_status(count, offset, context=BASE_ALLOCATION)
+            return await super().block_status(count, offset)
+        return await self.device.block_status(count, offset, context=context)
 
     async def read(self, buf: memoryview, offset: int) -> None:
         await self.device.pread_into(buf, offset)
@@ -91,40 +92,24 @@ class FileEndpoint(Endpoint):
     def __init__(self, name: str, fd: int, size: int, *, known_zero: bool) -> None:
         self.name, self.fd, self.size, self.known_zero = name, fd, size, known_zero
 
-    async def extents(self, count: int, offset: int) -> list[Extent]:
-        return await trio.to_thread.run_sync(self._seek_extents, count, offset)
-
-    def _seek_extents(self, count: int, offset: int) -> list[Extent]:
-        end = offset + count
-        try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after offset: all hole
-                return [Extent(offset, count, HOLE | ZERO)]
-            return [Extent(offset, count, 0)]  # no SEEK_DATA here: say data
-        if data > offset:
-            return [Extent(offset, min(data, end) - offset, HOLE | ZERO)]
-        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        return [Extent(offset, min(hole, end) - offset, 0)]
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
+        runs = await trio.to_thread.run_sync(data_runs, self.fd, offset, count)
+        return [Extent(at, n, 0 if is_data else HOLE_FLAGS) for at, n, is_data in runs]
 
     async def read(self, buf: memoryview, offset: int) -> None:
-        got = await trio.to_thread.run_sync(os.preadv, self.fd, [buf], offset)
+        got = await trio.to_thread.run_sync(pread_full, self.fd, buf, offset)
         if got < len(buf):  # a file shorter than it was: the rest reads as zeroes
             buf[got:] = bytes(len(buf) - got)
 
     async def write(self, buf: memoryview, offset: int) -> None:
-        await trio.to_thread.run_sync(self._write_all, buf, offset)
-
-    def _write_all(self, buf: memoryview, offset: int) -> None:
-        while buf:  # pwrite may write less than asked (a full disk, some filesystems)
-            done = os.pwrite(self.fd, buf, offset)
-            if done <= 0:
-                raise OSError(errno.EIO, f"{self.name}: short write at {offset}")
-            buf, offset = buf[done:], offset + done
+        try:
+            await trio.to_thread.run_sync(pwrite_all, self.fd, buf, offset)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.name}: {exc.strerror}") from None
 
     async def zero(self, count: int, offset: int) -> None:
-        if not self.known_zero:
-            await self.write(memoryview(bytes(count)), offset)
+        await trio.to_thread.run_sync(zero_range, self.fd, offset, count)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fsync, self.fd)
@@ -141,11 +126,6 @@ class NullEndpoint(Endpoint):
 
     async def zero(self, count: int, offset: int) -> None:
         pass
-
-
-def is_nbd_uri(spec: str) -> bool:
-    return spec.split(":", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp",
-                                     "nbds+tcp")
 
 
 @asynccontextmanager
@@ -186,7 +166,7 @@ async def open_endpoint(spec: str, *, destination: bool, size: int = 0,
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
             # st_size is 0 for block devices: ask where the end is
-            length = os.lseek(fd, 0, os.SEEK_END) if not regular else os.fstat(fd).st_size
+            length = os.lseek(fd, 0, os.SEEK_END)
             endpoint = FileEndpoint(spec, fd, length, known_zero=destination and regular)
             endpoint.identity = identity
             yield endpoint
