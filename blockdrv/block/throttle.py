@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import trio
+from trio_util import RepeatedEvent
 
 from ..node import BlockNode
 from ..protocol.constants import Command
@@ -62,10 +63,9 @@ class ThrottleFilter(FilterNode):
                  burst_bytes: float | None = None, burst_ops: float | None = None) -> None:
         super().__init__(child)
         self._queue = trio.Lock()
-        self._changed = trio.Event()
+        self._changed = RepeatedEvent()  # set_limits() was called
         self._bytes = _Bucket(bytes_per_second, burst_bytes)
         self._ops = _Bucket(ops_per_second, burst_ops)
-        self.waited = 0.0  # total seconds requests spent throttled
 
     @property
     def limits(self) -> dict[str, float | None]:
@@ -90,12 +90,10 @@ class ThrottleFilter(FilterNode):
                 bucket.burst = burst if burst is not None else (bucket.rate or 0.0)
             bucket.tokens = min(bucket.tokens, bucket.burst)
         self._changed.set()
-        self._changed = trio.Event()
 
     async def _forward(self, command: Command, offset: int, length: int,
                        call: Callable[[], Awaitable[Any]]) -> Any:
         nbytes = length if command in _PAYLOAD else 0
-        start = trio.current_time()
         async with self._queue:
             while True:
                 now = trio.current_time()
@@ -108,5 +106,4 @@ class ThrottleFilter(FilterNode):
                     await self._changed.wait()  # limits changed: compute again
             self._bytes.take(nbytes)
             self._ops.take(1)
-        self.waited += trio.current_time() - start
         return await call()

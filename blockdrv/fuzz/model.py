@@ -32,13 +32,13 @@ class Mismatch:
 class Model:
     """Shadow copy of the disk plus a known/unknown bit per block."""
 
-    def __init__(self, size: int, block: int = 4096, *, initial_known: bool = True) -> None:
+    def __init__(self, size: int, block: int = 4096) -> None:
         if size % block:
             raise ValueError("size must be a multiple of the block size")
         self.size = size
         self.block = block
         self.data = bytearray(size)  # a fresh sparse image reads as zeroes
-        self.known = bytearray([1 if initial_known else 0]) * (size // block)
+        self.known = bytearray([1]) * (size // block)
 
     def _blocks(self, offset: int, length: int) -> range:
         return range(offset // self.block, (offset + length + self.block - 1) // self.block)
@@ -55,9 +55,6 @@ class Model:
         """The range may hold anything (a failed or cancelled write, a trim)."""
         for b in self._blocks(offset, length):
             self.known[b] = 0
-
-    def known_fraction(self) -> float:
-        return sum(self.known) / len(self.known)
 
     def check_read(self, offset: int, data: bytes) -> Mismatch | None:
         """The first known block where ``data`` (read at ``offset``) differs."""

@@ -31,11 +31,18 @@ from ..protocol.options import (
     EXPORT_NAME_ZEROES,
     GREETING_SIZE,
     OPTION_HEADER_SIZE,
+    OPTION_REPLY_HEADER_SIZE,
     decode_client_flags,
     decode_greeting,
     decode_option_header,
+    decode_option_reply_header,
 )
-from ..protocol.wire import decode_reply_header, decode_request, reply_header_size
+from ..protocol.wire import (
+    decode_reply_header,
+    decode_request,
+    reply_header_size,
+    request_size,
+)
 
 
 class _Side:
@@ -115,8 +122,7 @@ class StreamObserver:
                 side.skip_next(length)
                 self._options.append(option)
             else:
-                size = 32 if self.extended else 28
-                raw = side.take(size)
+                raw = side.take(request_size(self.extended))
                 if raw is None:
                     return
                 request = decode_request(raw, extended=self.extended)
@@ -170,13 +176,10 @@ class StreamObserver:
                         return
                     self._enter_transmission()
                     continue
-                if len(side.buffer) < 20:
+                raw = side.take(OPTION_REPLY_HEADER_SIZE)
+                if raw is None:
                     return
-                raw = bytes(side.buffer[:20])
-                option = int.from_bytes(raw[8:12], "big")
-                reply = int.from_bytes(raw[12:16], "big")
-                length = int.from_bytes(raw[16:20], "big")
-                side.take(20)
+                option, reply, length = decode_option_reply_header(raw)
                 side.skip_next(length)
                 if reply == OptionReply.ACK or is_option_error(reply):
                     self._options.pop(0)

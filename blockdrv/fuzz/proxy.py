@@ -33,15 +33,15 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
-from ..protocol.constants import ChunkType
+from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType
 from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_chunk_header, encode_simple_reply
+from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
 from ..transport import open_stream
 from .observer import StreamObserver
 
 TO_SERVER = "to_server"
 TO_CLIENT = "to_client"
-MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
 
 
 class _Link:
@@ -122,7 +122,8 @@ class _Link:
         if observer.structured:
             return encode_chunk_header(cookie, ChunkType.OFFSET_DATA, 0xFFFF_FFF0,
                                        done=True, extended=observer.extended)
-        return struct.pack(">IIQ", 0x668E33EF, 0xFFFFFFF0, cookie)  # not negotiated: bad
+        # A simple reply's layout with the structured magic (not negotiated): bad.
+        return struct.pack(">IIQ", STRUCTURED_REPLY_MAGIC, 0xFFFFFFF0, cookie)
 
     def arm_malformed(self, kind: str) -> None:
         self.malformed = kind

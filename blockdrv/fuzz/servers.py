@@ -64,8 +64,7 @@ class Endpoint:
             return self.sock
         if self.transport == "unix":
             assert self.path is not None
-            if os.path.exists(self.path):
-                os.unlink(self.path)
+            self.unlink()  # a stale socket of a killed server
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(self.path)
         else:
@@ -85,6 +84,10 @@ class Endpoint:
                 pass
             self.sock.close()
             self.sock = None
+        self.unlink()
+
+    def unlink(self) -> None:
+        """Remove the Unix socket's file, if there is one (TCP: nothing to do)."""
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -110,6 +113,8 @@ class Peer:
     """A server process (or processes) behind an :class:`Endpoint`."""
 
     name = "peer"
+    #: The server process, while one runs (None for nbd-server's per-connection ones).
+    process: subprocess.Popen[bytes] | None = None
 
     def __init__(self, directory: Path, transport: str = "unix") -> None:
         self.directory = directory
@@ -166,7 +171,6 @@ class ActivatedServer(Peer):
             self.name = name
         super().__init__(directory, transport)
         self.argv = list(argv)
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         if self.running:
@@ -266,6 +270,19 @@ class NbdServer(Peer):
         self.running = False
 
 
+def file_server(kind: str, directory: Path, image: Path, *extra: str) -> Peer:
+    """A server of ``kind`` ("embedded", "nbdkit" or "qemu-nbd") on the file ``image``,
+    not started yet; ``extra`` arguments go to its command line (for nbdkit, before the
+    plugin).  Its log and socket live in ``directory``."""
+    if kind == "embedded":
+        return EmbeddedServer(directory, "--file", str(image), *extra)
+    if kind == "nbdkit":
+        return Nbdkit(directory, *extra, "file", str(image))
+    if kind == "qemu-nbd":
+        return QemuNbd(directory, image, *extra)
+    raise ValueError(f"unknown server kind {kind!r}: embedded, nbdkit or qemu-nbd")
+
+
 def sparse_image(path: Path, size: int) -> Path:
     """A sparse file of ``size`` bytes."""
     with open(path, "wb") as f:
@@ -289,15 +306,13 @@ class CommandServer(Peer):
         super().__init__(directory, "unix")
         self.command = command
         self.image = image
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         if self.running:
             return
         path = self.endpoint.path
         assert path is not None
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket of a killed server
+        self.endpoint.unlink()  # a stale socket of a killed server
         argv = shlex.split(self.command.format(socket=path, file=str(self.image)))
         with self._open_log() as log:
             self.process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", *argv],
@@ -331,10 +346,5 @@ class CommandServer(Peer):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
-        path = self.endpoint.path
-        if path and os.path.exists(path):
-            os.unlink(path)
+        self.endpoint.close()
         self.running = False
-
-    def uri(self, export: str = "") -> str:
-        return self.endpoint.uri(export)

@@ -47,6 +47,7 @@ class Watchdog:
         self.victim = victim
         self.on_hang = on_hang
         self._scope = trio.CancelScope()
+        self._stopped = False
         self.fired = False
 
     def progress(self) -> None:
@@ -56,11 +57,12 @@ class Watchdog:
         self.progress()
         with self._scope:
             await trio.sleep_forever()
-        if self._scope.cancelled_caught:
+        if self._scope.cancelled_caught and not self._stopped:
             self.fired = True
             self.on_hang(task_tree())
             self.victim.cancel()
 
     def stop(self) -> None:
-        self._scope.deadline = float("inf")
+        """End :meth:`run` without reporting a hang."""
+        self._stopped = True
         self._scope.cancel()

@@ -303,9 +303,9 @@ class ServerConnection:
         segments = await self.export.backend.read(request.offset, request.length)
         cookie, extended = request.cookie, self.extended
         for faults in (self.export.faults, self.faults):
-            if faults.active and faults.stale_rate:
-                flat = bytearray(b"".join(bytes(b) for b in _flatten(segments)))
-                if faults.stale(request.offset, flat):
+            if faults.active and faults.serve_stale():
+                flat = bytearray().join(_flatten(segments))
+                if faults.overlay_stale(request.offset, flat):
                     segments = [(request.offset, len(flat), [memoryview(flat)])]
         if not self.structured or request.flags & CommandFlag.DF:
             data = _flatten(segments)
@@ -332,10 +332,13 @@ class ServerConnection:
 
     async def _write(self, request: Request, payload: bytearray | None) -> None:
         assert self.export is not None and payload is not None
+        old: bytes | None = None  # read once, even when both hooks want it
         for faults in (self.export.faults, self.faults):
             if faults.active and faults.stale_rate:
-                old = await self.export.backend.read(request.offset, request.length)
-                faults.remember(request.offset, b"".join(bytes(b) for b in _flatten(old)))
+                if old is None:
+                    segments = await self.export.backend.read(request.offset, request.length)
+                    old = b"".join(_flatten(segments))
+                faults.remember(request.offset, old)
         await self.export.backend.write(request.offset, payload,
                                         fua=bool(request.flags & CommandFlag.FUA))
 
@@ -411,7 +414,7 @@ class ServerConnection:
                 await self.channel.send(*chunk)
 
     async def _send_cut(self, chunks: list[Chunk], cut: int) -> None:
-        data = b"".join(bytes(b) for chunk in chunks for b in chunk)
+        data = b"".join(b for chunk in chunks for b in chunk)
         async with self.send_lock:
             await self.channel.send(data[:cut])
             self.channel.shutdown()
@@ -437,7 +440,7 @@ def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
         if views is None:
             out += [(at, cut, None), (at + cut, n - cut, None)]
         else:
-            flat = memoryview(b"".join(bytes(v) for v in views))
+            flat = memoryview(b"".join(views))
             out += [(at, cut, [flat[:cut]]), (at + cut, n - cut, [flat[cut:]])]
     return out
 
@@ -468,7 +471,7 @@ def _coarsen(extents: Sequence[tuple[int, int]], block: int) -> list[tuple[int, 
 def _malform(chunks: list[Chunk], kind: str, request: Request,
              extended: bool) -> list[Chunk]:
     """Corrupt the first chunk's header as the fault hook asks."""
-    first = bytearray(bytes(chunks[0][0]))
+    first = bytearray(chunks[0][0])
     if kind == "bad-magic":
         first[0:4] = b"\xde\xad\xbe\xef"
     elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header

@@ -221,10 +221,14 @@ class Faults:
         """Keep what a range held before a write (for stale reads)."""
         self.history.append((offset, old))
 
-    def stale(self, offset: int, data: bytearray) -> bool:
-        """Overlay remembered old contents on a read at ``offset`` (at the rate)."""
-        if not self.stale_rate or (self.stale_rate < 1 and self.rng.random() >= self.stale_rate):
-            return False
+    def serve_stale(self) -> bool:
+        """Whether this read is to be served stale (the rate's draw; no data needed)."""
+        return bool(self.stale_rate) and (self.stale_rate >= 1
+                                          or self.rng.random() < self.stale_rate)
+
+    def overlay_stale(self, offset: int, data: bytearray) -> bool:
+        """Overlay remembered old contents on ``data``, read at ``offset``; True if any
+        were (counted as a stale read).  :meth:`serve_stale` decides whether to."""
         end, changed = offset + len(data), False
         for at, old in self.history:
             lo, hi = max(at, offset), min(at + len(old), end)
