@@ -20,7 +20,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..cli import SIZE
-from ..taskgroups import first_failure
 from .runner import (
     ALL_FAULTS,
     DEFAULT_FAULTS,
@@ -134,9 +133,7 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         run = FuzzRun(config, replay=trace, on_progress=update)
         try:
             result = trio.run(run.run)
-        except BaseExceptionGroup as group:
-            _could_not_run(first_failure(group))
-        except (OSError, RuntimeError, trio.TooSlowError) as exc:
+        except (OSError, RuntimeError, trio.TooSlowError, ValueError) as exc:
             _could_not_run(exc)
     if not quiet:
         console.print(_table(result))
@@ -159,7 +156,5 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
 
 def _could_not_run(exc: BaseException) -> NoReturn:
     """The run could not start or went wrong outside the workload: exit status 2."""
-    if not isinstance(exc, (OSError, RuntimeError, trio.TooSlowError, ValueError)):
-        raise exc
     click.echo(f"Error: the run could not go on: {exc}", err=True)
     sys.exit(2)

@@ -72,6 +72,7 @@ from ..latency import quantile, quantiles
 from ..nbd import Device, State, open_nbd
 from ..protocol.errors import ConnectionLostError, NBDError, ProtocolError, RequestError
 from ..server.faults import MALFORMED_KINDS
+from ..taskgroups import first_failure
 from .model import Model, RangeLocks
 from .proxy import TO_CLIENT, TO_SERVER, FaultProxy
 from .servers import CommandServer, Peer, file_server, sparse_image
@@ -300,6 +301,8 @@ class FuzzRun:
     # --- the whole run ------------------------------------------------------------------
 
     async def run(self) -> FuzzResult:
+        """Run the workload; a failure outside it (the server cannot start, ...) is
+        raised as itself, never in a task group."""
         fds_before = _fd_count()
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="blockdrv-fuzz-") as tmp:
@@ -314,6 +317,8 @@ class FuzzRun:
                     await nursery.start(self.proxy.serve)
                     await self._run_with_proxy(nursery)
                     self.proxy.close()
+            except BaseExceptionGroup as group:
+                raise first_failure(group) from None
             finally:
                 self.server.stop()
         self.result.elapsed = time.monotonic() - started
