@@ -95,8 +95,6 @@ class BlockNode(abc.ABC):
         """The export this node presents (flags, block sizes, contexts)."""
 
     def children(self) -> Sequence[BlockNode]:
-        """Size in bytes."""
-        """The export this node presents (flags, block sizes, contexts)."""
         """Nodes this one sends requests to (drained along with it)."""
         return ()
 
@@ -134,12 +132,8 @@ class BlockNode(abc.ABC):
             await self._drains.wait_value(0)
         self.in_flight.value += 1
         try:
-            if self._proxies:
-                yield self._proxies[-1]
-            elif self._replacement is not None:
-                yield self._replacement
-            else:
-                yield self._own
+            route = self._route()
+            yield self._own if route is None else route
         finally:
             self.in_flight.value -= 1
 

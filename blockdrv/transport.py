@@ -105,8 +105,7 @@ def _raw_socket(stream: trio.abc.Stream) -> _stdlib_socket.socket | None:
 class Channel:
     """One connection's stream with buffered header reads and zero-copy payloads."""
 
-    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken", "_failure",
-                 "bytes_received", "bytes_sent")
+    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken", "_failure")
 
     def __init__(self, stream: trio.abc.Stream, *,
                  read_ahead: int = DEFAULT_READ_AHEAD) -> None:
@@ -118,8 +117,6 @@ class Channel:
         self._end = 0
         self.broken = False
         self._failure: OSError | None = None  # met by peek_nowait, raised by the next read
-        self.bytes_received = 0
-        self.bytes_sent = 0
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else "ok"
@@ -180,7 +177,6 @@ class Channel:
         if n == 0:
             self.broken = True
             raise TransportError("connection closed by the peer")
-        self.bytes_received += n
         return n
 
     async def receive_some(self, max_bytes: int = DEFAULT_READ_AHEAD) -> bytes:
@@ -232,7 +228,6 @@ class Channel:
             if not got:
                 return None  # EOF: the next read sees it again
             self._end += got
-            self.bytes_received += got
             if self._end - self._start < n:
                 return None
         return self._view[self._start:self._start + n]
@@ -322,20 +317,6 @@ class Channel:
             self.broken = True  # a payload was read in part: the stream is out of step
             raise
 
-    async def discard(self, n: int) -> None:
-        """Read and drop ``n`` bytes, through the bounded read-ahead buffer."""
-        while n:
-            have = min(self._end - self._start, n)
-            self._start += have
-            n -= have
-            if n:
-                self._start = self._end = 0
-                try:
-                    self._end = await self._recv_into(self._view[:min(n, len(self._buffer))])
-                except BaseException:
-                    self.broken = True
-                    raise
-
     # --- sending --------------------------------------------------------------------
 
     async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
@@ -354,7 +335,6 @@ class Channel:
                         n = 0
                     if n:
                         sent_any = True
-                        self.bytes_sent += n
                     if n == len(data):
                         return
                     views: list[memoryview] = [memoryview(data)[n:]]
@@ -367,7 +347,6 @@ class Channel:
                         await trio.lowlevel.wait_writable(sock)
                         continue
                     sent_any = True
-                    self.bytes_sent += n
                     views = _advance(views, n)
             else:
                 for b in buffers:
@@ -375,7 +354,6 @@ class Channel:
                         # A cancelled send_all may have sent some or all of its data.
                         sent_any = True
                         await self.stream.send_all(b)
-                        self.bytes_sent += len(b)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = True
             raise TransportError(f"connection failed: {exc}") from exc

@@ -60,11 +60,6 @@ class ClientConnection(Generic[T]):
         return (f"<ClientConnection running={self.running} ready={self._result is not None} "
                 f"attempts={self.attempts} error={self.error!r}>")
 
-    @property
-    def ready(self) -> bool:
-        """A finished connection is waiting in the result slot."""
-        return self._result is not None
-
     async def get(self, *, blocking: bool) -> T | None:
         """A new connection, or None (not blocking and none ready; or the wait was
         cancelled with :meth:`cancel_wait`; or the worker gave up: see :attr:`error`)."""

@@ -85,7 +85,6 @@ from ..protocol.constants import (
     Command,
     CommandFlag,
     OptionReply,
-    is_error_chunk,
 )
 from ..protocol.errors import (
     ConnectionLostError,
@@ -95,19 +94,17 @@ from ..protocol.errors import (
     ProtocolError,
     UnsupportedError,
 )
+from ..protocol.events import BlockStatus, ReadHole
 from ..protocol.export import ExportInfo, check_request
 from ..protocol.replies import ReplyState
 from ..protocol.uri import NBDAddress, parse_uri
 from ..protocol.wire import (
     ReplyHeader,
-    ReplyHeaderSizes,
-    decode_block_status,
-    decode_error,
-    decode_hole,
     decode_reply_header,
     encode_request,
     reply_header_sizes,
 )
+from ..taskgroups import reraise_alone
 from ..tls import TLSMode, client_settings
 from ..transport import DEFAULT_READ_AHEAD, Channel, TransportError
 from .connection import ClientConnection
@@ -150,6 +147,20 @@ class DeviceStatistics:
     reconnect_timer_armed: bool
 
 
+class _Connection:
+    """One connection as negotiated: built by ``_install``, referenced by the device
+    and by every request sent on it.  Its identity is the connection's: a request's
+    ``conn is device._live`` test is "my connection is the one that is up"."""
+
+    __slots__ = ("channel", "wire", "sizes", "context_ids")
+
+    def __init__(self, channel: Channel, wire: ExportInfo) -> None:
+        self.channel = channel
+        self.wire = wire  # its negotiation
+        self.sizes = reply_header_sizes(structured=wire.structured, extended=wire.extended)
+        self.context_ids = frozenset(wire.contexts.values())  # its meta context ids
+
+
 class _Slot:
     """One request in flight on the current connection, and its progress in the reply.
 
@@ -158,16 +169,13 @@ class _Slot:
     cancelled read picks up exactly where it stopped.
     """
 
-    __slots__ = ("cookie", "epoch", "wire", "sizes", "channel", "reply", "buffer", "task",
-                 "receiving", "extents", "chunk", "kind", "at", "left", "payload")
+    __slots__ = ("cookie", "conn", "reply", "buffer", "task", "receiving", "extents",
+                 "chunk", "kind", "at", "left", "payload")
 
-    def __init__(self, cookie: int, epoch: int, wire: ExportInfo, sizes: ReplyHeaderSizes,
-                 channel: Channel, reply: ReplyState, buffer: memoryview | None) -> None:
+    def __init__(self, cookie: int, conn: _Connection, reply: ReplyState,
+                 buffer: memoryview | None) -> None:
         self.cookie = cookie
-        self.epoch = epoch
-        self.wire = wire  # the negotiation of the connection it was sent on
-        self.sizes = sizes  # and its reply header sizes
-        self.channel = channel  # that connection: its reply is read from there only
+        self.conn = conn  # the connection it was sent on: its reply is read from there only
         self.reply = reply
         self.buffer = buffer  # READ destination; None: discard the data
         self.task: trio.lowlevel.Task | None = None  # the request's task, while asleep
@@ -178,10 +186,6 @@ class _Slot:
         self.at = 0  # where the next data byte goes in the buffer
         self.left = 0  # payload bytes still to read
         self.payload: bytearray | None = None  # a large non-data payload being filled
-
-    @property
-    def finished(self) -> bool:
-        return self.reply.done and self.chunk is None
 
 
 class NBDDevice(BlockNode):
@@ -230,13 +234,9 @@ class NBDDevice(BlockNode):
         self._limits: dict[tuple[Command, int], int] = {}  # allowed (command, flags)
         self._current: ReplyHeader | None = None  # qemu's s->reply
         self._sleepers = 0  # slots asleep in _sleep() until _wake()
-        self._live_epoch = 0  # _epoch while CONNECTED, else 0 (one test on hot paths)
-        self._channel: Channel | None = None
-        self._wire: ExportInfo | None = None  # this connection's negotiation
-        self._header_sizes = reply_header_sizes(structured=False, extended=False)  # its
-        self._context_ids: frozenset[int] = frozenset()  # and its meta context ids
+        self._conn: _Connection | None = None  # the latest connection (None: closed)
+        self._live: _Connection | None = None  # _conn while CONNECTED, else None
         self._info: ExportInfo | None = None  # the first connection's (what users see)
-        self._epoch = 0
         self._fatal: NBDError | None = None
         self._delay_timer: trio.CancelScope | None = None
         self._closing = False
@@ -335,27 +335,25 @@ class NBDDevice(BlockNode):
             try:
                 with trio.move_on_after(self.reconnect_delay + self.cancel_timeout + 1):
                     await self.in_flight.wait_value(0)
-                channel = self._channel
-                if channel is not None and self._connected() and not channel.broken:
-                    await self._send_disc(channel)
+                conn = self._conn
+                if conn is not None and conn is self._live and not conn.channel.broken:
+                    await self._send_disc(conn)
                 self._fail(Event.CLOSE, ConnectionLostError("the device is closed",
                                                             errno=errno.EBADF))
                 await self._worker.close()
-                if channel is not None:
-                    await channel.aclose()
+                if conn is not None:
+                    await conn.channel.aclose()
             finally:
                 self._drains.value -= 1
                 self._closed.set()
 
-    async def _send_disc(self, channel: Channel) -> None:
-        """NBD_CMD_DISC on ``channel``, best effort, within a second."""
-        wire = self._wire
-        assert wire is not None
+    async def _send_disc(self, conn: _Connection) -> None:
+        """NBD_CMD_DISC on ``conn``, best effort, within a second."""
         with trio.move_on_after(1):
             try:
                 async with self.send_mutex:
-                    await channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
-                                                      extended=wire.extended))
+                    await conn.channel.send(encode_request(Command.DISC, 0, 0, 0, 0,
+                                                           extended=conn.wire.extended))
             except TransportError:
                 pass
 
@@ -370,7 +368,7 @@ class NBDDevice(BlockNode):
         if new is old:
             return
         self._state.value = new
-        self._live_epoch = self._epoch if new is State.CONNECTED else 0
+        self._live = self._conn if new is State.CONNECTED else None
         if old is State.CONNECTING_WAIT and self._delay_timer is not None:
             self._delay_timer.cancel()  # the timer never outlives CONNECTING_WAIT
             self._delay_timer = None
@@ -393,44 +391,38 @@ class NBDDevice(BlockNode):
                 self._worker.cancel_wait()
 
     def _install(self, channel: Channel, info: ExportInfo) -> None:
-        self._channel, self._wire = channel, info
-        self._header_sizes = reply_header_sizes(structured=info.structured,
-                                                extended=info.extended)
-        self._context_ids = frozenset(info.contexts.values())
-        self._epoch += 1
+        self._conn = _Connection(channel, info)
         self._current = None
         self._transition(Event.CONNECTED)
 
-    def _channel_failed(self, epoch: int, why: object, *, soft: bool = False) -> None:
-        """A transport failure on the connection of ``epoch`` (idempotent).
+    def _channel_failed(self, conn: _Connection, why: object, *, soft: bool = False) -> None:
+        """A transport failure on ``conn`` (idempotent; ignored once it is not live).
 
         ``soft``: the server asked to go (ESHUTDOWN): nothing more is sent but an
         NBD_CMD_DISC, in the background, before the socket is shut down.
         """
-        if epoch != self._epoch or not self._connected():
+        if conn is not self._live:
             return
         log.info("connection to %s lost: %s", self.address.display, why)
         self._current = None
-        channel = self._channel
-        if channel is not None:
-            if soft:
-                self._nursery.start_soon(self._soft_close, channel, name="nbd-soft-close")
-            else:
-                channel.shutdown()
+        if soft:
+            self._nursery.start_soon(self._soft_close, conn, name="nbd-soft-close")
+        else:
+            conn.channel.shutdown()
         self._transition(Event.TRANSPORT_FAILURE)
         self._wake_all_receivers()
 
-    async def _soft_close(self, channel: Channel) -> None:
-        await self._send_disc(channel)  # after any send in progress, under send_mutex
-        channel.shutdown()
+    async def _soft_close(self, conn: _Connection) -> None:
+        await self._send_disc(conn)  # after any send in progress, under send_mutex
+        conn.channel.shutdown()
 
     def _fail(self, event: Event, error: NBDError) -> None:
         """Go to QUIT for good: every request from now on fails with ``error``."""
         if self._fatal is None:
             self._fatal = error
         self._current = None
-        if self._channel is not None:
-            self._channel.shutdown()
+        if self._conn is not None:
+            self._conn.channel.shutdown()
         self._transition(event)
         self._worker.cancel_wait()
         self._wake_all_receivers()
@@ -449,8 +441,7 @@ class NBDDevice(BlockNode):
 
     def cancel_in_flight(self) -> None:
         """Fail requests waiting for a reconnect now instead of after reconnect_delay."""
-        self._transition(Event.CANCEL_IN_FLIGHT)
-        self._admission.unpark_all()
+        self._transition(Event.CANCEL_IN_FLIGHT)  # wakes admission if WAIT became NOWAIT
         self._worker.cancel_wait()
 
     # --- admission --------------------------------------------------------------------
@@ -498,9 +489,9 @@ class NBDDevice(BlockNode):
     async def _reconnect_attempt(self, *, blocking: bool | None = None) -> None:
         """Run by the only admitted request while not connected (qemu semantics)."""
         assert self._admitted == 1
-        if self._channel is not None:
-            old, self._channel = self._channel, None
-            await old.aclose()
+        if self._conn is not None:
+            old, self._conn = self._conn, None
+            await old.channel.aclose()
         if blocking is None:
             blocking = self.state is State.CONNECTING_WAIT
         try:
@@ -559,16 +550,16 @@ class NBDDevice(BlockNode):
         if payload is not None and self.guard_writes:
             digest = hashlib.blake2b(payload, digest_size=16).digest()
         while True:
-            epoch = self._epoch
+            conn = self._conn
             try:
                 slot = await self._send_request(command, offset, length, flags, payload,
                                                 buffer, digest)
-                epoch = slot.epoch
+                conn = slot.conn
                 await self._receive_reply(slot)
                 return slot
             except _TransportFailure as failure:
                 if self.state is State.CONNECTING_WAIT or (
-                        self._connected() and self._epoch != epoch):
+                        self._connected() and self._conn is not conn):
                     self._stats["retried"] += 1  # reconnecting, or already reconnected
                     continue
                 if self._fatal is not None:
@@ -591,30 +582,31 @@ class NBDDevice(BlockNode):
     async def _send_request(self, command: Command, offset: int, length: int, flags: int,
                             payload: memoryview | None, buffer: memoryview | None,
                             digest: bytes | None) -> _Slot:
-        if self._live_epoch and self._admitted < self.max_in_flight and self._fatal is None:
+        if self._live is not None and self._admitted < self.max_in_flight \
+                and self._fatal is None:
             self._admitted += 1  # connected with room: _admit() in short
         else:
             await self._admit()
         slot = None
         try:
-            if not self._live_epoch:
+            if self._live is None:
                 await self._reconnect_attempt()
                 if not self._connected():
                     raise _TransportFailure(_describe(self._worker.error)
                                             if self._worker.error else "no connection")
-            wire, channel, epoch = self._wire, self._channel, self._epoch
-            assert wire is not None and channel is not None
+            conn = self._live
+            assert conn is not None
+            wire, channel = conn.wire, conn.channel
             index = self._free_slot()
             reply = ReplyState(command, offset, length, flags, structured=wire.structured,
-                               extended=wire.extended, context_ids=self._context_ids)
-            slot = self._slots[index] = _Slot(index + 1, epoch, wire, self._header_sizes,
-                                              channel, reply, buffer)
+                               extended=wire.extended, context_ids=conn.context_ids)
+            slot = self._slots[index] = _Slot(index + 1, conn, reply, buffer)
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
             send_mutex = self.send_mutex
             await _lock(send_mutex)
             try:
-                if epoch != self._epoch or not self._connected() or channel.broken:
+                if conn is not self._live or channel.broken:
                     raise _TransportFailure("connection lost before sending")
                 if digest is not None and payload is not None:
                     _check_unchanged(payload, digest)
@@ -624,11 +616,11 @@ class NBDDevice(BlockNode):
                     else:
                         await channel.send(header, payload)
                 except TransportError as exc:
-                    self._channel_failed(epoch, exc)
+                    self._channel_failed(conn, exc)
                     raise _TransportFailure(str(exc)) from None
                 except BaseException:
                     if channel.broken:  # cancelled part-way: the stream is out of step
-                        self._channel_failed(epoch, "a send was cancelled part-way")
+                        self._channel_failed(conn, "a send was cancelled part-way")
                     raise
             finally:
                 send_mutex.release()
@@ -654,7 +646,7 @@ class NBDDevice(BlockNode):
             except ProtocolError as exc:
                 raise self._protocol_violation(exc) from None
             if error is not None and error.errno == errno.ESHUTDOWN:
-                self._channel_failed(slot.epoch, "the server is shutting down (ESHUTDOWN)",
+                self._channel_failed(slot.conn, "the server is shutting down (ESHUTDOWN)",
                                      soft=True)
                 raise _TransportFailure("the server is shutting down")
         finally:
@@ -676,35 +668,35 @@ class NBDDevice(BlockNode):
             except (_TransportFailure, NBDError):
                 pass
         if shield.cancelled_caught:  # (this also lets go of the current reply, if ours)
-            self._channel_failed(slot.epoch, "the reply of a cancelled request did not "
-                                             "arrive in time")
+            self._channel_failed(slot.conn, "the reply of a cancelled request did not "
+                                            "arrive in time")
 
     async def _receive_chunks(self, slot: _Slot) -> None:
         """Consume chunks until the reply is finished (resumable after cancellation)."""
         reply = slot.reply
-        while not (reply.done and slot.chunk is None):  # not slot.finished
+        while not (reply.done and slot.chunk is None):
             header = slot.chunk or await self._wait_for_reply(slot)
             try:
                 await self._consume_chunk(slot, header)
             except TransportError as exc:
-                self._channel_failed(slot.epoch, exc)
+                self._channel_failed(slot.conn, exc)
                 raise _TransportFailure(str(exc)) from None
             except ProtocolError as exc:
                 raise self._protocol_violation(exc) from None
             if self._current is header:  # (not if the connection failed meanwhile)
                 self._current = None  # not done: we read on; done: _hand_on() as we leave
 
-    def _check_alive(self, slot: _Slot) -> None:
-        if slot.epoch != self._live_epoch:
-            if self._fatal is not None:
-                raise self._quit_error()
-            raise _TransportFailure("connection lost while waiting for the reply")
+    def _reply_lost(self) -> Exception:
+        """Why a reply will not come: the device is dead, or its connection was lost."""
+        if self._fatal is not None:
+            return self._quit_error()
+        return _TransportFailure("connection lost while waiting for the reply")
 
     async def _wait_for_reply(self, slot: _Slot) -> ReplyHeader:
         """Until the current reply is ``slot``'s, reading headers for others as needed."""
         while True:
-            if slot.epoch != self._live_epoch:
-                self._check_alive(slot)  # raises
+            if slot.conn is not self._live:
+                raise self._reply_lost()
             current = self._current
             if current is not None:
                 if current.cookie == slot.cookie:
@@ -715,50 +707,54 @@ class NBDDevice(BlockNode):
             if receive_mutex.locked():
                 await self._sleep(slot)  # someone is reading the next header
                 continue
-            receive_mutex.acquire_nowait()  # free, and nothing awaited since we looked
+            # Free, and nothing awaited since the checks above: they still hold.
+            receive_mutex.acquire_nowait()
             try:
-                if slot.epoch != self._live_epoch:
-                    self._check_alive(slot)  # raises
-                if self._current is not None:
-                    continue
                 try:
-                    header = await self._read_header(slot)
+                    owner = await self._read_header(slot.conn)
                 except BaseException:
                     self._wake_one_receiver()  # somebody else must read the stream now
                     raise
-                try:
-                    owner = self._owner(header)
-                except ProtocolError as exc:
-                    raise self._protocol_violation(exc) from None
-                self._current = header
                 if owner is not slot:
                     self._wake(owner)
             finally:
                 receive_mutex.release()
 
-    async def _read_header(self, slot: _Slot) -> ReplyHeader:
-        """The next reply header on ``slot``'s connection (which is the current one)."""
-        channel = slot.channel
+    async def _read_header(self, conn: _Connection) -> _Slot:
+        """Read the next reply header on ``conn`` (the live connection) and make it the
+        current reply; returns its owner."""
         try:
-            raw = await channel.peek_framed(slot.sizes)  # cancellation-safe: a peek
-            header = decode_reply_header(raw)
-            channel.consume(len(raw))
+            raw = await conn.channel.peek_framed(conn.sizes)  # cancellation-safe: a peek
+            owner = self._take_header(conn, raw)
         except TransportError as exc:
-            self._channel_failed(slot.epoch, exc)
+            self._channel_failed(conn, exc)
             raise _TransportFailure(str(exc)) from None
         except ProtocolError as exc:
             raise self._protocol_violation(exc) from None
-        # The connection may have failed while we waited (a send cancelled part-way):
-        # bytes that were already on their way still arrive, but their request is gone.
-        if slot.epoch != self._live_epoch:
-            self._check_alive(slot)  # raises
-        return header
+        if owner is None:
+            raise self._reply_lost()
+        return owner
+
+    def _take_header(self, conn: _Connection, raw: memoryview) -> _Slot | None:
+        """Consume the reply header peeked in ``raw`` from ``conn`` and make it the
+        current reply; returns its owner, who is to be woken (or None, taking nothing,
+        if ``conn`` failed while the header was awaited: a send cancelled part-way;
+        bytes that were already on their way still arrive, but their request is gone).
+        Raises ProtocolError for a bad header or an unknown cookie.
+        """
+        header = decode_reply_header(raw)
+        conn.channel.consume(len(raw))
+        if conn is not self._live:
+            return None
+        owner = self._owner(header)
+        self._current = header
+        return owner
 
     def _owner(self, header: ReplyHeader) -> _Slot:
         index = header.cookie - 1
         if 0 <= index < len(self._slots):
             owner = self._slots[index]
-            if owner is not None and owner.epoch == self._epoch:
+            if owner is not None and owner.conn is self._conn:
                 return owner
         raise ProtocolError(f"server replied with unknown cookie {header.cookie}")
 
@@ -791,15 +787,13 @@ class NBDDevice(BlockNode):
             return  # someone has the stream
         if not self._sleepers:
             return  # nobody waits: a request arriving later reads for itself
-        channel = self._channel
-        if channel is not None and self._live_epoch == self._epoch:
+        live = self._live
+        if live is not None:
             try:
-                raw = channel.peek_framed_nowait(self._header_sizes)
+                raw = live.channel.peek_framed_nowait(live.sizes)
                 if raw is not None:
-                    header = decode_reply_header(raw)
-                    channel.consume(len(raw))
-                    owner = self._owner(header)
-                    self._current = header
+                    owner = self._take_header(live, raw)
+                    assert owner is not None  # live, and nothing awaited
                     self._wake(owner)
                     return
             except ProtocolError as exc:
@@ -824,7 +818,7 @@ class NBDDevice(BlockNode):
         Resumable: progress lives in the slot and every read is either a peek
         (nothing consumed until it completes) or a partial read whose count is saved.
         """
-        channel, reply = slot.channel, slot.reply
+        channel, reply = slot.conn.channel, slot.reply
         if slot.chunk is not header:  # first visit: validate the header once
             slot.chunk, slot.kind, slot.payload = header, "", None
             if header.magic == SIMPLE_REPLY_MAGIC:  # header.simple, without a call
@@ -852,7 +846,13 @@ class NBDDevice(BlockNode):
                 slot.at += n
                 slot.left -= n
         elif slot.kind == "payload":
-            self._chunk_payload(slot, header, await self._read_payload(slot, channel))
+            event = reply.chunk_payload(header, await self._read_payload(slot, channel))
+            if isinstance(event, ReadHole):
+                if slot.buffer is not None:
+                    pos = event.offset - reply.offset
+                    _fill_zeroes(slot.buffer[pos:pos + event.length])
+            elif isinstance(event, BlockStatus):
+                slot.extents[event.context_id] = event.extents
         slot.chunk, slot.kind, slot.payload = None, "", None
 
     async def _read_payload(self, slot: _Slot, channel: Channel) -> bytes | bytearray:
@@ -869,21 +869,6 @@ class NBDDevice(BlockNode):
             done = length - slot.left
             slot.left -= await channel.receive_some_into(view[done:])
         return slot.payload
-
-    def _chunk_payload(self, slot: _Slot, header: ReplyHeader,
-                       payload: bytes | bytearray) -> None:
-        reply, kind = slot.reply, header.type
-        if kind == ChunkType.OFFSET_HOLE:
-            offset, size = decode_hole(payload)
-            pos = reply.hole(offset, size)
-            if slot.buffer is not None:
-                _fill_zeroes(slot.buffer[pos:pos + size])
-        elif kind in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
-            context_id, extents = decode_block_status(payload, extended=reply.extended)
-            reply.block_status(context_id, extents)
-            slot.extents[context_id] = extents
-        elif is_error_chunk(kind):
-            reply.error_chunk(*decode_error(payload, kind))
 
     # --- the node's own I/O (behind the BlockNode port) --------------------------------
 
@@ -958,13 +943,15 @@ class NBDDevice(BlockNode):
             raise UnsupportedError(f"meta context {context!r} was not negotiated "
                                    f"(have: {sorted(self.info.contexts)})")
         self._pieces(Command.BLOCK_STATUS, offset, count)
+        limit = self._limits[(Command.BLOCK_STATUS, 0)]  # cached by that check
         end = offset + count
         extents: list[Extent] = []
         pos = offset
         while pos < end:
-            (at, n), *_ = self._pieces(Command.BLOCK_STATUS, pos, end - pos)
-            slot = await self._request(Command.BLOCK_STATUS, at, n)
-            context_id = slot.wire.contexts[context]
+            n = min(limit, end - pos)
+            self._pieces(Command.BLOCK_STATUS, pos, n)  # one piece: only checks the range
+            slot = await self._request(Command.BLOCK_STATUS, pos, n)
+            context_id = slot.conn.wire.contexts[context]
             for length, flags in slot.extents.get(context_id, []):
                 length = min(length, end - pos)
                 if extents and extents[-1].flags == flags:
@@ -1012,16 +999,6 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
-
-
-def _reraise_alone(group: BaseExceptionGroup[BaseException]) -> None:
-    """Raise the only exception of ``group`` as itself, keeping its cause and context."""
-    exc = group.exceptions[0]
-    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
-    try:
-        raise exc
-    finally:
-        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
 
 
 Device = Union[NBDDevice, "MultiConnDevice"]
@@ -1117,5 +1094,5 @@ async def _open_one(address: NBDAddress, options: HandshakeOptions, *, open_time
     except BaseExceptionGroup as group:
         # The background tasks never raise, so the group holds the body's exception.
         if len(group.exceptions) == 1:
-            _reraise_alone(group)
+            reraise_alone(group)
         raise

@@ -30,10 +30,9 @@ import dataclasses
 import errno
 import itertools
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
 
-import trio
-from trio_util import AsyncValue
+from trio_util import AsyncValue, compose_values
 
 from ..node import BlockNode, Extent
 from ..protocol.constants import BASE_ALLOCATION
@@ -60,7 +59,8 @@ class MultiConnDevice(BlockNode):
         self.members: tuple[NBDDevice, ...] = tuple(members)
         self.connections_note = note
         self._write_numbers = itertools.count()
-        self._writes_pending: set[int] = set()
+        # Writes waiting for their reply, oldest first (numbers only grow).
+        self._writes_pending: dict[int, None] = {}
         # The number of the oldest write still waiting for its reply (None: none).
         self._oldest_pending: AsyncValue[int | None] = AsyncValue(None)
 
@@ -92,21 +92,13 @@ class MultiConnDevice(BlockNode):
     def state(self) -> State:
         """The worst state of the connections: QUIT, CONNECTING_NOWAIT, CONNECTING_WAIT,
         CONNECTED (CONNECTED only when every connection is)."""
-        return max((member.state for member in self.members), key=_SEVERITY.__getitem__)
+        return _worst(member.state for member in self.members)
 
     async def wait_state(self, *states: State) -> State:
         """Wait until :attr:`state` is one of ``states``; returns it."""
-        while self.state not in states:
-            seen = [member.state for member in self.members]  # before waiting: no change
-            async with trio.open_nursery() as nursery:           # can slip in between
-                for member, state in zip(self.members, seen, strict=True):
-                    nursery.start_soon(self._changed, member, state, nursery.cancel_scope)
-        return self.state
-
-    @staticmethod
-    async def _changed(member: NBDDevice, seen: State, done: trio.CancelScope) -> None:
-        await member._state.wait_value(lambda state: state is not seen)
-        done.cancel()
+        with compose_values(_transform_=_worst, **{f"m{i}": member._state for i, member
+                                                   in enumerate(self.members)}) as worst:
+            return await worst.wait_value(lambda state: state in states)  # type: ignore[no-any-return]
 
     def statistics(self) -> DeviceStatistics:
         """The members' figures added up (``state`` as :attr:`state`)."""
@@ -154,15 +146,16 @@ class MultiConnDevice(BlockNode):
     async def _write(self, call: Callable[[NBDDevice], Awaitable[T]]) -> T:
         """Run a data-changing request, counted as pending until it is replied to."""
         number = next(self._write_numbers)
-        self._writes_pending.add(number)
+        pending = self._writes_pending
+        pending[number] = None
         if self._oldest_pending.value is None:
             self._oldest_pending.value = number
         try:
             return await call(self._least_busy())
         finally:
-            self._writes_pending.discard(number)
+            del pending[number]
             if self._oldest_pending.value == number:
-                self._oldest_pending.value = min(self._writes_pending, default=None)
+                self._oldest_pending.value = next(iter(pending), None)
 
     async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
         await self._least_busy().pread_into(buf, offset)
@@ -193,6 +186,10 @@ class MultiConnDevice(BlockNode):
 
 _SEVERITY = {State.CONNECTED: 0, State.CONNECTING_WAIT: 1, State.CONNECTING_NOWAIT: 2,
              State.QUIT: 3}
+
+
+def _worst(states: Iterable[State]) -> State:
+    return max(states, key=_SEVERITY.__getitem__)
 
 
 def compatible(first: ExportInfo, other: ExportInfo) -> str | None:

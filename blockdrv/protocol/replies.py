@@ -14,7 +14,9 @@ the reply to it *before* trusting it:
 - ``data(offset, size)`` / ``hole(offset, size)`` for content chunks: inside the
   request, not overlapping an earlier content chunk, at most one with DF; returns where
   the bytes land in the caller's buffer;
-- ``block_status(context, extents)`` / ``error(...)`` for the other chunk kinds.
+- ``block_status(context, extents)`` / ``error_chunk(...)`` for the other chunk kinds;
+  ``chunk_payload(header, payload)`` decodes a hole, block status or error chunk's
+  payload and makes the matching call above (both readers use it).
 
 When the DONE chunk (or the simple reply) has been handled, ``finish()`` checks the
 reply is complete (a successful READ covered every byte, a successful BLOCK_STATUS
@@ -207,6 +209,24 @@ class ReplyState:
         elif sum(length for length, _ in extents[:-1]) >= self.length:
             raise self._violation("block status extents continue past the request")
 
+    def chunk_payload(self, header: ReplyHeader,
+                      payload: bytes | bytearray) -> ReadHole | BlockStatus | None:
+        """A hole, block status or error chunk's payload (its header passed ``chunk()``):
+        decoded and checked by ``hole()``, ``block_status()`` or ``error_chunk()``;
+        returns the event it makes (None for an error chunk)."""
+        type_ = header.type
+        if type_ == _T_OFFSET_HOLE:
+            offset, size = decode_hole(payload)
+            self.hole(offset, size)
+            return ReadHole(header.cookie, offset, size)
+        if type_ == _T_BLOCK_STATUS or type_ == _T_BLOCK_STATUS_EXT:
+            context_id, extents = decode_block_status(payload, extended=self.extended)
+            self.block_status(context_id, extents)
+            return BlockStatus(header.cookie, context_id, extents)
+        if is_error_chunk(type_):
+            self.error_chunk(*decode_error(payload, type_))
+        return None
+
     def error_chunk(self, wire_error: int, message: str, offset: int | None) -> None:
         """An error chunk: the request fails (the first error is kept)."""
         if offset is not None and not (
@@ -329,20 +349,7 @@ class ReplyReader:
         assert header is not None and state is not None
         if len(self._buffer) < header.length:
             return NEED_DATA
-        payload = self._take(header.length)
-        type_ = header.type
-        event: Event | None = None
-        if type_ == ChunkType.OFFSET_HOLE:
-            offset, size = decode_hole(payload)
-            state.hole(offset, size)
-            event = ReadHole(header.cookie, offset, size)
-        elif type_ in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
-            context_id, extents = decode_block_status(payload, extended=self.extended)
-            state.block_status(context_id, extents)
-            event = BlockStatus(header.cookie, context_id, extents)
-        elif is_error_chunk(type_):
-            state.error_chunk(*decode_error(payload, type_))
-        return self._after_chunk(event)
+        return self._after_chunk(state.chunk_payload(header, self._take(header.length)))
 
     def _read_data_offset(self) -> Event | _NeedData:
         header, state = self._header, self._state
