@@ -88,6 +88,31 @@ async def open_stream(address: NBDAddress, *,
     return stream
 
 
+async def open_unix_listener(path: str) -> trio.SocketListener:
+    """Listen on a Unix socket at ``path``, replacing a stale socket file there.
+
+    Raises OSError with the path in its message when it cannot listen.  Whoever closes
+    the listener removes the file (:func:`remove_socket_file`).
+    """
+    remove_socket_file(path)
+    sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    return trio.SocketListener(sock)
+
+
+def remove_socket_file(path: str) -> None:
+    """Remove a Unix socket's file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _raw_socket(stream: trio.abc.Stream) -> _stdlib_socket.socket | None:
     """The stdlib (non-blocking) socket under a trio SocketStream, or None.
 

@@ -24,7 +24,6 @@ while traffic flows, and apply to the connections open at that moment:
 
 from __future__ import annotations
 
-import os
 import socket as _stdlib_socket
 import struct
 from collections import Counter
@@ -37,7 +36,7 @@ from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType
 from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_chunk_header, encode_simple_reply
 from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
-from ..transport import open_stream
+from ..transport import open_stream, open_unix_listener, remove_socket_file
 from .observer import StreamObserver
 
 TO_SERVER = "to_server"
@@ -171,12 +170,7 @@ class FaultProxy:
 
     async def serve(self, *, task_status: trio.TaskStatus[NBDAddress]
                     = trio.TASK_STATUS_IGNORED) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-        await sock.bind(self.path)
-        sock.listen(64)
-        self._listener = trio.SocketListener(sock)
+        self._listener = await open_unix_listener(self.path)
         with self._scope:
             async with trio.open_nursery() as nursery:
                 task_status.started(self.address)
@@ -184,8 +178,7 @@ class FaultProxy:
                     client = await self._listener.accept()
                     nursery.start_soon(self._connect, client)
         await self._listener.aclose()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        remove_socket_file(self.path)
 
     async def _connect(self, client: trio.SocketStream) -> None:
         self.connections.value += 1

@@ -33,7 +33,7 @@ from trio_util import AsyncValue
 
 from ..protocol.uri import NBDAddress
 from ..tls import NO_TLS, TLSMode, TLSSettings
-from ..transport import tune_socket
+from ..transport import open_unix_listener, remove_socket_file, tune_socket
 from .connection import ServerConnection
 from .export import Export
 
@@ -101,17 +101,9 @@ class NBDServer:
     async def serve_unix(self, path: str, *, task_status: trio.TaskStatus[
             list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on a Unix socket at ``path`` (replacing a stale socket file)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-        try:
-            await sock.bind(path)
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+        listener = await open_unix_listener(path)
         self._unix_paths.append(path)
-        await self.serve([trio.SocketListener(sock)], task_status=task_status)
+        await self.serve([listener], task_status=task_status)
 
     async def serve_tcp(self, host: str = "127.0.0.1", port: int = 0, *,
                         task_status: trio.TaskStatus[list[trio.SocketListener]]
@@ -183,10 +175,7 @@ class NBDServer:
 
     def _unlink_paths(self) -> None:
         for path in self._unix_paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            remove_socket_file(path)
         self._unix_paths.clear()
 
     async def _close_listeners(self) -> None:
