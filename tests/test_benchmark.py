@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import trio
-from support.inprocess import URI, InProcessServer
+from support.inprocess import open_in_process
 
-from blockdrv import open_nbd
 from blockdrv.benchmark import run_bench
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.server import Export, MemoryBackend
@@ -20,18 +19,15 @@ MiB = 1024 * 1024
 
 async def _bench(raises: type[Exception] | None = None, match: str = "", **kwargs):
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
-            async with open_nbd(URI, stream_factory=srv.connect, max_in_flight=64) as dev:
-                trace = TraceFilter(capacity=100_000)
-                await insert_filter(dev, trace)
-                if raises is None:
-                    result = await run_bench(dev, **kwargs)
-                else:
-                    with pytest.raises(raises, match=match):
-                        await run_bench(dev, **kwargs)
-                    result = None
-            nursery.cancel_scope.cancel()
+        async with open_in_process(Export("", MemoryBackend(MiB)), max_in_flight=64) as (dev, _):
+            trace = TraceFilter(capacity=100_000)
+            await insert_filter(dev, trace)
+            if raises is None:
+                result = await run_bench(dev, **kwargs)
+            else:
+                with pytest.raises(raises, match=match):
+                    await run_bench(dev, **kwargs)
+                result = None
     return result, trace.records
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import errno
 import random
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from support.inprocess import URI, InProcessServer
+from support.inprocess import URI, open_in_process, serving
 from support.workload import workload
 from trio_util import AsyncValue
 
@@ -28,14 +27,9 @@ from blockdrv.server import Export, MemoryBackend
 MiB = 1024 * 1024
 
 
-@asynccontextmanager
-async def device(size=4 * MiB, server_options=None, **options):
-    async with trio.open_nursery() as nursery:
-        srv = InProcessServer(nursery, Export("", MemoryBackend(size)),
-                              **(server_options or {}))
-        async with open_nbd(URI, stream_factory=srv.connect, **options) as dev:
-            yield dev, srv
-        nursery.cancel_scope.cancel()
+def device(size=4 * MiB, **options):
+    """An in-process server on ``size`` bytes and a device on it; yields (dev, srv)."""
+    return open_in_process(Export("", MemoryBackend(size)), **options)
 
 
 def transparent_filters(seed: int) -> list[FilterNode]:
@@ -144,9 +138,8 @@ async def test_filters_stack_last_inserted_first():
 
 async def test_replace_node_redirects_users():
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            a = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
-            b = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
+        async with serving(Export("", MemoryBackend(MiB))) as a, \
+                serving(Export("", MemoryBackend(MiB))) as b:
             async with open_nbd(URI, stream_factory=a.connect) as old, \
                     open_nbd(URI, stream_factory=b.connect) as new:
                 trace = TraceFilter()
@@ -161,7 +154,6 @@ async def test_replace_node_redirects_users():
                 with pytest.raises(ValueError, match="loop"):
                     await replace_node(new, old)
                 await replace_node(old, old)
-            nursery.cancel_scope.cancel()
 
 
 # --- drained sections ----------------------------------------------------------------------

@@ -11,21 +11,16 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.peers import EmbeddedServer, Nbdkit, QemuNbd
+from support.cli import blockdrv
+from support.peers import EmbeddedServer, Nbdkit, QemuNbd, file_server
 
 pytestmark = pytest.mark.interop
 
 MiB = 1024 * 1024
 SERVERS = ["nbdkit", "qemu-nbd", "embedded"]
-
-
-def blockdrv(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockdrv", *args], capture_output=True,
-                          text=True, timeout=120, check=check)
 
 
 def nbdinfo_json(*args: str) -> object:
@@ -50,14 +45,6 @@ def patterned_image(path: Path, size: int, seed: int = 1) -> Path:
     return path
 
 
-def server(kind: str, tmp_path: Path, image: Path, *extra: str):
-    if kind == "nbdkit":
-        return Nbdkit(tmp_path, *extra, "file", str(image))
-    if kind == "qemu-nbd":
-        return QemuNbd(tmp_path, image, *extra)
-    return EmbeddedServer(tmp_path, "--file", str(image), *extra)
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -65,7 +52,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.parametrize("kind", SERVERS)
 def test_info_matches_nbdinfo(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 16 * MiB)
-    with server(kind, tmp_path, image) as peer:
+    with file_server(kind, tmp_path, image) as peer:
         ours = json.loads(blockdrv("info", "--json", peer.uri()).stdout)
         theirs = nbdinfo_json(peer.uri())
         assert ours["protocol"] == theirs["protocol"] and ours["TLS"] == theirs["TLS"]
@@ -85,7 +72,7 @@ def test_info_matches_nbdinfo(kind, tmp_path):
 @pytest.mark.parametrize("kind", SERVERS)
 def test_map_matches_nbdinfo_map(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 32 * MiB)
-    with server(kind, tmp_path, image) as peer:
+    with file_server(kind, tmp_path, image) as peer:
         ours = json.loads(blockdrv("map", "--json", peer.uri()).stdout)
         theirs = nbdinfo_json("--map", peer.uri())
         assert [(e["offset"], e["length"], e["type"]) for e in ours] == \
@@ -127,8 +114,8 @@ def test_list_names_every_export(tmp_path):
 def test_copy_gives_the_image_nbdcopy_gives(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 48 * MiB, seed=3)
     mine, theirs = tmp_path / "mine.img", tmp_path / "theirs.img"
-    with server(kind, tmp_path, image, *(["--read-only"] if kind == "embedded" else [])
-                ) as peer:
+    with file_server(kind, tmp_path, image,
+                     *(["--read-only"] if kind == "embedded" else [])) as peer:
         blockdrv("copy", "--connections", "4", "--requests", "8", "--request-size", "64K",
                  peer.uri(), str(mine))
         subprocess.run(["nbdcopy", peer.uri(), str(theirs)], check=True, timeout=60)
@@ -206,7 +193,7 @@ def test_list_and_bench_on_every_server(kind, tmp_path):
     if kind == "nbdkit":
         peer = Nbdkit(tmp_path, extra[0], "file", str(image), *extra[1:])
     else:
-        peer = server(kind, tmp_path, image, *extra)
+        peer = file_server(kind, tmp_path, image, *extra)
     with peer:
         listed = json.loads(blockdrv("list", "--json", peer.uri("disk")).stdout)
         assert [e["export-name"] for e in listed] == ["disk"]

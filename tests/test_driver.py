@@ -10,12 +10,11 @@ from __future__ import annotations
 import errno
 import os
 import random
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from support.inprocess import URI, InProcessServer
+from support.inprocess import URI, InProcessServer, open_in_process, serving
 from support.outcomes import outcome
 from support.streams import CountingStream, CuttingStream, Gate, LateStream, unbuffered_pair
 from support.workload import workload
@@ -39,16 +38,6 @@ def disk(size=8 * MiB, **kw) -> Export:
     return Export("", MemoryBackend(size), **kw)
 
 
-@asynccontextmanager
-async def opened(export: Export | None = None, server_options=None, **options):
-    """An in-process server and a device open on it."""
-    async with trio.open_nursery() as nursery:
-        srv = InProcessServer(nursery, export or disk(), **(server_options or {}))
-        async with open_nbd(URI, stream_factory=srv.connect, **options) as dev:
-            yield dev, srv
-        nursery.cancel_scope.cancel()
-
-
 async def wait_until_waiting(dev, count: int) -> None:
     """Until ``count`` requests are in flight and everything has settled."""
     await dev.in_flight.wait_value(lambda n: n >= count)
@@ -60,25 +49,21 @@ async def wait_until_waiting(dev, count: int) -> None:
 
 async def test_no_task_reads_an_idle_connection(autojump_clock):
     with trio.fail_after(5000):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, disk())
-            counted = srv.wrapped_connect(CountingStream)
-            async with open_nbd(URI, stream_factory=counted, reconnect_delay=5) as dev:
-                await dev.pwrite(b"x" * 4096, 0)
-                (first,) = srv.streams
-                await trio.testing.wait_all_tasks_blocked()
-                reads = first.receives
-                await trio.sleep(3600)  # an hour of idleness: nobody touches the socket
-                assert first.receives == reads and first.waiting == 0
-                # The server dies and comes back while the device is idle: nothing
-                # notices until the next request, which then reconnects.
-                srv.kill()
-                srv.restart()
-                await trio.sleep(60)
-                assert dev.state is State.CONNECTED and dev.statistics().reconnects == 0
-                assert await dev.pread(4096, 0) == b"x" * 4096
-                assert dev.statistics().reconnects == 1
-            nursery.cancel_scope.cancel()
+        async with open_in_process(wrap=CountingStream, reconnect_delay=5) as (dev, srv):
+            await dev.pwrite(b"x" * 4096, 0)
+            (first,) = srv.streams
+            await trio.testing.wait_all_tasks_blocked()
+            reads = first.receives
+            await trio.sleep(3600)  # an hour of idleness: nobody touches the socket
+            assert first.receives == reads and first.waiting == 0
+            # The server dies and comes back while the device is idle: nothing
+            # notices until the next request, which then reconnects.
+            srv.kill()
+            srv.restart()
+            await trio.sleep(60)
+            assert dev.state is State.CONNECTED and dev.statistics().reconnects == 0
+            assert await dev.pread(4096, 0) == b"x" * 4096
+            assert dev.statistics().reconnects == 1
 
 
 # 2 -------------------------------------------------------------------------------------
@@ -86,8 +71,8 @@ async def test_no_task_reads_an_idle_connection(autojump_clock):
 
 async def test_replies_in_any_order_reach_their_owners():
     with trio.fail_after(60):
-        async with opened(server_options={"shuffle_replies": True, "seed": 5},
-                          max_in_flight=16) as (dev, srv):
+        async with open_in_process(server_options={"shuffle_replies": True, "seed": 5},
+                                   max_in_flight=16) as (dev, srv):
             blocks = {i: os.urandom(16384) for i in range(64)}
             async with trio.open_nursery() as nursery:
                 for i, data in blocks.items():
@@ -118,13 +103,12 @@ async def test_read_payload_lands_in_the_callers_buffer(monkeypatch):
         return await original(self, view)
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, disk(32 * MiB))
+        async with serving(disk(32 * MiB)) as srv:
 
             async def socket_pair():
                 a, b = stdlib_socket.socketpair()
-                nursery.start_soon(srv.server.handle_stream,
-                                   trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+                srv.nursery.start_soon(srv.server.handle_stream,
+                                       trio.SocketStream(trio.socket.from_stdlib_socket(b)))
                 return trio.SocketStream(trio.socket.from_stdlib_socket(a))
 
             async with open_nbd(URI, stream_factory=socket_pair) as dev:
@@ -137,7 +121,6 @@ async def test_read_payload_lands_in_the_callers_buffer(monkeypatch):
                 assert buf == data
                 into_caller = sum(n for obj, n in targets if obj is buf)
                 assert into_caller >= 16 * MiB - 128 * 1024  # all but the read-ahead
-            nursery.cancel_scope.cancel()
 
 
 async def test_full_duplex_write_does_not_block_a_read_reply(autojump_clock):
@@ -147,12 +130,11 @@ async def test_full_duplex_write_does_not_block_a_read_reply(autojump_clock):
     export = disk(64 * MiB)
     export.faults.delay("read", 1)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, export)
+        async with serving(export) as srv:
 
             async def gated():
                 client, server_side = unbuffered_pair(gate)
-                nursery.start_soon(srv.server.handle_stream, server_side)
+                srv.nursery.start_soon(srv.server.handle_stream, server_side)
                 return client
 
             async with open_nbd(URI, stream_factory=gated) as dev:
@@ -175,7 +157,6 @@ async def test_full_duplex_write_does_not_block_a_read_reply(autojump_clock):
                     assert not write_done.is_set()  # the write is still being sent
                     gate.open()
                     await write_done.wait()
-            nursery.cancel_scope.cancel()
 
 
 # 3 -------------------------------------------------------------------------------------
@@ -185,13 +166,13 @@ async def test_server_restart_within_reconnect_delay_loses_nothing(autojump_cloc
     """qemu iotest 264: requests keep flowing across a server restart."""
     shadow = bytearray(1 * MiB)
     with trio.fail_after(600):
-        async with opened(disk(1 * MiB), reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(disk(1 * MiB), reconnect_delay=10,
+                                   retry_initial=0.5) as (dev, srv):
 
             async def outage():
                 await trio.sleep(0.5)
                 srv.kill()
-                await trio.sleep(3)
-                srv.restart()
+                await srv.restart_after(3)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outage)
@@ -212,15 +193,15 @@ async def test_write_resent_after_drop_right_after_its_data(autojump_clock):
     export = disk(8 * MiB)
     data = os.urandom(3 * MiB)
     with trio.fail_after(60):
-        async with opened(export, reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10,
+                                   retry_initial=0.5) as (dev, srv):
             (connection,) = srv.server.connections
             connection.faults.drop_after(1)
 
             async def new_server():
                 await dev.wait_state(State.CONNECTING_WAIT)
                 srv.kill()
-                await trio.sleep(2)
-                srv.restart()
+                await srv.restart_after(2)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(new_server)
@@ -235,7 +216,8 @@ async def test_write_resent_after_drop_right_after_its_data(autojump_clock):
 
 async def test_no_reconnect_delay_fails_fast_and_recovers(autojump_clock):
     with trio.fail_after(120):
-        async with opened(reconnect_delay=0, retry_initial=1, retry_max=4) as (dev, srv):
+        async with open_in_process(reconnect_delay=0, retry_initial=1,
+                                   retry_max=4) as (dev, srv):
             await dev.pwrite(b"a" * 512, 0)
             srv.kill()
             start = trio.current_time()
@@ -260,7 +242,7 @@ async def test_no_reconnect_delay_fails_fast_and_recovers(autojump_clock):
 
 async def test_cancel_in_flight_fails_waiting_requests_at_once(autojump_clock):
     with trio.fail_after(60):
-        async with opened(reconnect_delay=100) as (dev, srv):
+        async with open_in_process(reconnect_delay=100) as (dev, srv):
             srv.kill()
             outcomes = []
 
@@ -287,28 +269,25 @@ async def test_cancel_in_flight_fails_waiting_requests_at_once(autojump_clock):
 
 async def test_open_timeout_uses_a_server_that_appears_later(autojump_clock):
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, disk())
+        async with serving(disk()) as srv:
             srv.up = False
 
             async def appear():
                 await trio.sleep(1)
                 srv.up = True
 
-            nursery.start_soon(appear)
+            srv.nursery.start_soon(appear)
             start = trio.current_time()
             async with open_nbd(URI, stream_factory=srv.connect, open_timeout=5,
                                 retry_initial=0.25, retry_max=0.25) as dev:
                 assert 1 <= trio.current_time() - start <= 1.5
                 assert dev.size == 8 * MiB
-            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("open_timeout", [0, 1])
 async def test_open_without_a_server_fails_with_the_real_error(open_timeout, autojump_clock):
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, disk())
+        async with serving(disk()) as srv:
             srv.up = False
             start = trio.current_time()
             with pytest.raises(ConnectError) as excinfo:
@@ -322,7 +301,6 @@ async def test_open_without_a_server_fails_with_the_real_error(open_timeout, aut
                 assert 1 <= elapsed <= 1.1 and "within 1s" in str(excinfo.value)
             else:
                 assert elapsed < 0.01
-            nursery.cancel_scope.cancel()
 
 
 async def test_open_a_missing_unix_socket_names_the_path(tmp_path):
@@ -340,27 +318,23 @@ async def test_open_a_missing_unix_socket_names_the_path(tmp_path):
 
 async def _handshake_bytes() -> tuple[int, int]:
     """How many bytes each way a full open + one 4096-byte read takes."""
-    async with trio.open_nursery() as nursery:
-        srv = InProcessServer(nursery, disk())
-        async with open_nbd(URI, stream_factory=srv.wrapped_connect(CuttingStream)) as dev:
-            await dev.pread(4096, 0)
-            first = srv.streams[0]
-            counts = first.sent, first.received  # (before the closing DISC)
-        nursery.cancel_scope.cancel()
-    return counts
+    async with open_in_process(wrap=CuttingStream) as (dev, srv):
+        await dev.pread(4096, 0)
+        first = srv.streams[0]
+        return first.sent, first.received  # (before the closing DISC)
 
 
 @pytest.mark.parametrize("direction", ["send", "receive"])
 async def test_disconnect_at_every_byte_never_hangs(direction, autojump_clock):
     """qemu iotest 083: cut the connection at every byte offset of the handshake and of
     a request; the result is a clean error (or a successful retry), never a hang."""
-    sent, received = await _handshake_bytes()
+    with trio.fail_after(30):
+        sent, received = await _handshake_bytes()
     total = sent if direction == "send" else received
     for reconnect_delay in (0, 5):
         for cut in range(0, total + 1):
             with trio.fail_after(30):
-                async with trio.open_nursery() as nursery:
-                    srv = InProcessServer(nursery, disk())
+                async with serving(disk()) as srv:
                     first = True
 
                     async def cutting(srv=srv, cut=cut):
@@ -377,14 +351,13 @@ async def test_disconnect_at_every_byte_never_hangs(direction, autojump_clock):
                                             reconnect_delay=reconnect_delay,
                                             retry_initial=0.1) as dev:
                             assert await dev.pread(4096, 0) == bytes(4096)
-                        outcome = "ok"
+                        result = "ok"
                     except (ConnectError, ConnectionLostError):
-                        outcome = "error"
+                        result = "error"
                     # Cut during the open: a clean error.  Cut later: an error without
                     # reconnect_delay, a successful retry with it.
-                    if outcome == "ok":
+                    if result == "ok":
                         assert reconnect_delay or cut >= total
-                    nursery.cancel_scope.cancel()
 
 
 # 9 -------------------------------------------------------------------------------------
@@ -396,8 +369,8 @@ async def test_more_requests_than_max_in_flight_when_the_server_dies(comes_back,
     export = disk()
     export.faults.delay("read", 1)
     with trio.fail_after(120):
-        async with opened(export, max_in_flight=4, reconnect_delay=5,
-                          retry_initial=0.5) as (dev, srv):
+        async with open_in_process(export, max_in_flight=4, reconnect_delay=5,
+                                   retry_initial=0.5) as (dev, srv):
             outcomes = []
 
             async def request(i):
@@ -409,8 +382,7 @@ async def test_more_requests_than_max_in_flight_when_the_server_dies(comes_back,
                 await wait_until_waiting(dev, 20)
                 srv.kill()
                 if comes_back:
-                    await trio.sleep(2)
-                    srv.restart()
+                    await srv.restart_after(2)
             assert len(outcomes) == 20
             assert set(outcomes) == ({"ok"} if comes_back else {"failed"})
             assert dev.statistics().in_flight == 0
@@ -424,7 +396,8 @@ async def test_drain_during_an_outage(comes_back_after, autojump_clock):
     export = disk()
     export.faults.delay("write", 1)
     with trio.fail_after(120):
-        async with opened(export, reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10,
+                                   retry_initial=0.5) as (dev, srv):
             outcomes = []
 
             async def write(i):
@@ -436,7 +409,7 @@ async def test_drain_during_an_outage(comes_back_after, autojump_clock):
                 await wait_until_waiting(dev, 4)
                 srv.kill()
                 if comes_back_after:
-                    nursery.start_soon(_restart_after, srv, comes_back_after)
+                    nursery.start_soon(srv.restart_after, comes_back_after)
                 start = trio.current_time()
                 late = trio.Event()
 
@@ -463,16 +436,11 @@ async def test_drain_during_an_outage(comes_back_after, autojump_clock):
             assert late.is_set()
 
 
-async def _restart_after(srv, seconds):
-    await trio.sleep(seconds)
-    srv.restart()
-
-
 async def test_drains_nest_and_never_cancel(autojump_clock):
     export = disk()
     export.faults.delay("read", 5)
     with trio.fail_after(60):
-        async with opened(export) as (dev, srv):
+        async with open_in_process(export) as (dev, srv):
             results = []
 
             async def read():
@@ -497,15 +465,10 @@ async def test_drains_nest_and_never_cancel(autojump_clock):
 
 async def test_reconnect_delay_timer_is_removed_when_connected_again(autojump_clock):
     with trio.fail_after(120):
-        async with opened(reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(reconnect_delay=10, retry_initial=0.5) as (dev, srv):
             srv.kill()
-
-            async def back():
-                await trio.sleep(1)
-                srv.restart()
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(back)
+                nursery.start_soon(srv.restart_after, 1)
                 await dev.pread(512, 0)
             stats = dev.statistics()
             assert stats.reconnects == 1 and not stats.reconnect_timer_armed
@@ -516,8 +479,7 @@ async def test_reconnect_delay_timer_is_removed_when_connected_again(autojump_cl
 
 async def test_reconnect_delay_timer_does_not_fire_after_close(autojump_clock):
     with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, disk())
+        async with serving(disk()) as srv:
             async with open_nbd(URI, stream_factory=srv.connect, reconnect_delay=10) as dev:
                 srv.kill()
                 with trio.move_on_after(1):
@@ -527,7 +489,6 @@ async def test_reconnect_delay_timer_does_not_fire_after_close(autojump_clock):
             await trio.sleep(60)
             assert dev.statistics().reconnect_delay_expired == 0
             assert dev.state is State.QUIT
-            nursery.cancel_scope.cancel()
 
 
 # 12 ------------------------------------------------------------------------------------
@@ -538,7 +499,7 @@ async def test_malformed_replies_end_in_protocol_error_for_everyone(kind, autoju
     export = disk()
     export.faults.delay("read", 1)
     with trio.fail_after(60):
-        async with opened(export, reconnect_delay=10) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10) as (dev, srv):
             errors = []
 
             async def read(i):
@@ -560,13 +521,14 @@ async def test_malformed_replies_end_in_protocol_error_for_everyone(kind, autoju
                 await dev.pread(512, 0)
 
 
-async def test_duplicate_reply_and_chunk_outside_the_request(autojump_clock):
+@pytest.mark.parametrize("mode", ["duplicate", "outside"])
+async def test_duplicate_reply_and_chunk_outside_the_request(mode, autojump_clock):
     """A scripted server that answers one request twice, or sends data outside it."""
     from blockdrv.protocol import NEED_DATA, wire
     from blockdrv.protocol.events import ExportChosen
     from blockdrv.protocol.server_negotiate import ExportOffer, ServerNegotiator
 
-    async def evil_server(stream, mode):
+    async def evil_server(stream):
         neg = ServerNegotiator({"": ExportOffer("", MiB, 1 | 4)}, extended=False)
         while True:
             event = neg.next_event()
@@ -588,25 +550,24 @@ async def test_duplicate_reply_and_chunk_outside_the_request(autojump_clock):
                 request.cookie, MiB - 256, 512, done=True) + bytes(512))
         await trio.sleep_forever()
 
-    for mode in ("duplicate", "outside"):
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
 
-                async def factory(nursery=nursery, mode=mode):
-                    client, server = trio.testing.memory_stream_pair()
-                    nursery.start_soon(evil_server, server, mode)
-                    return client
+            async def factory():
+                client, server = trio.testing.memory_stream_pair()
+                nursery.start_soon(evil_server, server)
+                return client
 
-                async with open_nbd(URI, stream_factory=factory, reconnect_delay=5) as dev:
-                    if mode == "duplicate":
-                        assert await dev.pread(512, 0) == bytes(512)
-                        with pytest.raises(ProtocolError, match="unknown cookie"):
-                            await dev.pread(512, 0)
-                    else:
-                        with pytest.raises(ProtocolError, match="outside the request"):
-                            await dev.pread(512, 0)
-                    assert dev.state is State.QUIT
-                nursery.cancel_scope.cancel()
+            async with open_nbd(URI, stream_factory=factory, reconnect_delay=5) as dev:
+                if mode == "duplicate":
+                    assert await dev.pread(512, 0) == bytes(512)
+                    with pytest.raises(ProtocolError, match="unknown cookie"):
+                        await dev.pread(512, 0)
+                else:
+                    with pytest.raises(ProtocolError, match="outside the request"):
+                        await dev.pread(512, 0)
+                assert dev.state is State.QUIT
+            nursery.cancel_scope.cancel()
 
 
 # 13 ------------------------------------------------------------------------------------
@@ -614,7 +575,7 @@ async def test_duplicate_reply_and_chunk_outside_the_request(autojump_clock):
 
 async def test_server_back_with_a_different_size_is_refused(autojump_clock):
     with trio.fail_after(60):
-        async with opened(reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(reconnect_delay=10, retry_initial=0.5) as (dev, srv):
             await dev.pwrite(b"o" * 512, 0)
             srv.kill()
             other = disk(16 * MiB)
@@ -650,9 +611,9 @@ def test_cancelling_at_any_checkpoint_keeps_the_stream_in_step(cancel_after, vic
     async def scenario():
         shadow = bytearray(4 * MiB)
         with trio.fail_after(120):
-            async with opened(disk(4 * MiB), reconnect_delay=5, retry_initial=0.1,
-                              server_options={"shuffle_replies": True,
-                                              "seed": seed}) as (dev, srv):
+            async with open_in_process(disk(4 * MiB), reconnect_delay=5, retry_initial=0.1,
+                                       server_options={"shuffle_replies": True,
+                                                       "seed": seed}) as (dev, srv):
                 await dev.pwrite(b"\x01" * MiB, MiB)
                 scope = trio.CancelScope()
 
@@ -700,7 +661,7 @@ async def _checked_traffic(dev, shadow, seed):
 async def test_large_requests_are_split_at_the_servers_maximum():
     export = disk(16 * MiB, max_payload=MiB)
     with trio.fail_after(60):
-        async with opened(export) as (dev, srv):
+        async with open_in_process(export) as (dev, srv):
             assert dev.info.max_payload == MiB
             data = os.urandom(5 * MiB)
             before = srv.server.requests_served
@@ -725,7 +686,7 @@ async def test_large_requests_are_split_at_the_servers_maximum():
 async def test_bad_requests_fail_before_anything_is_sent(call, error, code):
     export = disk(min_block=512, read_only=True)
     with trio.fail_after(60):
-        async with opened(export) as (dev, srv):
+        async with open_in_process(export) as (dev, srv):
             before = srv.server.requests_served
             with pytest.raises(error) as excinfo:
                 await call(dev)
@@ -738,7 +699,7 @@ async def test_server_errors_are_returned_not_retried(autojump_clock):
     export = disk()
     export.faults.fail("write", errno=errno.ENOSPC, times=1)
     with trio.fail_after(60):
-        async with opened(export, reconnect_delay=10) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10) as (dev, srv):
             with pytest.raises(RequestError) as excinfo:
                 await dev.pwrite(b"x" * 512, 0)
             assert excinfo.value.errno == errno.ENOSPC
@@ -750,7 +711,8 @@ async def test_eshutdown_reply_is_a_soft_disconnect_then_a_retry(autojump_clock)
     export = disk()
     export.faults.fail("read", errno=errno.ESHUTDOWN, times=1)
     with trio.fail_after(60):
-        async with opened(export, reconnect_delay=10, retry_initial=0.5) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10,
+                                   retry_initial=0.5) as (dev, srv):
             await dev.pwrite(b"s" * 512, 0)
             assert await dev.pread(512, 0) == b"s" * 512
             assert dev.statistics().reconnects == 1
@@ -765,42 +727,39 @@ async def test_a_reply_header_that_arrives_after_the_connection_failed(autojump_
     export.faults.delay("read", 1000)  # the read's own reply comes much later
     results: dict[str, object] = {}
     with trio.fail_after(60_000):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, export)
-            late = srv.wrapped_connect(LateStream)
-            async with open_nbd(URI, stream_factory=late, reconnect_delay=600) as dev:
-                await dev.pwrite(b"r" * 4096, 0)
-                first = srv.streams[0]
-                assert isinstance(first, LateStream)
-                released = first.hold_next_receive()
-                writer = trio.CancelScope()
+        async with open_in_process(export, wrap=LateStream, reconnect_delay=600) as (dev, srv):
+            await dev.pwrite(b"r" * 4096, 0)
+            first = srv.streams[0]
+            assert isinstance(first, LateStream)
+            released = first.hold_next_receive()
+            writer = trio.CancelScope()
 
-                async def read():
-                    results["read"] = await dev.pread(4096, 0)
+            async def read():
+                results["read"] = await dev.pread(4096, 0)
 
-                async def flush():
-                    await dev.flush()
-                    results["flush"] = True
+            async def flush():
+                await dev.flush()
+                results["flush"] = True
 
-                async def write():
-                    with writer:
-                        await dev.pwrite(b"w" * 4096, 8192)
+            async def write():
+                with writer:
+                    await dev.pwrite(b"w" * 4096, 8192)
 
-                async with trio.open_nursery() as tasks:
-                    tasks.start_soon(read)  # waits for the next header, on `first`
-                    await trio.testing.wait_all_tasks_blocked()
-                    tasks.start_soon(flush)  # its reply is what `first` now holds back
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert first.holding
-                    first.stall_next_send(10)
-                    tasks.start_soon(write)
-                    await trio.testing.wait_all_tasks_blocked()
-                    writer.cancel()  # the write header went out in part: connection dead
-                    await trio.testing.wait_all_tasks_blocked()
-                    released.set()  # the reader now gets the flush's (stale) header
-                assert writer.cancelled_caught
-                assert results == {"read": b"r" * 4096, "flush": True}
-                assert dev.state is State.CONNECTED and dev.statistics().reconnects == 1
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(read)  # waits for the next header, on `first`
+                await trio.testing.wait_all_tasks_blocked()
+                tasks.start_soon(flush)  # its reply is what `first` now holds back
+                await trio.testing.wait_all_tasks_blocked()
+                assert first.holding
+                first.stall_next_send(10)
+                tasks.start_soon(write)
+                await trio.testing.wait_all_tasks_blocked()
+                writer.cancel()  # the write header went out in part: connection dead
+                await trio.testing.wait_all_tasks_blocked()
+                released.set()  # the reader now gets the flush's (stale) header
+            assert writer.cancelled_caught
+            assert results == {"read": b"r" * 4096, "flush": True}
+            assert dev.state is State.CONNECTED and dev.statistics().reconnects == 1
 
 
 # 16 ------------------------------------------------------------------------------------
@@ -810,8 +769,8 @@ async def test_a_reply_header_that_arrives_after_the_connection_failed(autojump_
 async def test_guard_writes_detects_a_buffer_changed_in_flight(guard, autojump_clock):
     export = disk()
     with trio.fail_after(60):
-        async with opened(export, reconnect_delay=10, retry_initial=0.5,
-                          guard_writes=guard) as (dev, srv):
+        async with open_in_process(export, reconnect_delay=10, retry_initial=0.5,
+                                   guard_writes=guard) as (dev, srv):
             buf = bytearray(b"A" * 65536)
             (connection,) = srv.server.connections
             connection.faults.drop_after(1)  # the write arrives, then the connection drops
@@ -850,18 +809,14 @@ async def test_no_exception_group_escapes_open_nbd():
 
 async def test_wait_connected_waits_for_the_worker_in_nowait(autojump_clock):
     with trio.fail_after(120):
-        async with opened(reconnect_delay=0, retry_initial=1, retry_max=2) as (dev, srv):
+        async with open_in_process(reconnect_delay=0, retry_initial=1,
+                                   retry_max=2) as (dev, srv):
             srv.kill()
             with pytest.raises(ConnectionLostError):
                 await dev.pread(512, 0)
             assert dev.state is State.CONNECTING_NOWAIT
-
-            async def back_later():
-                await trio.sleep(5)
-                srv.restart()
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(back_later)
+                nursery.start_soon(srv.restart_after, 5)
                 await dev.wait_connected()
                 assert dev.state is State.CONNECTED and trio.current_time() >= 5
             assert await dev.pread(512, 0) == bytes(512)

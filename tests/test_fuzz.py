@@ -9,13 +9,14 @@ import sys
 import pytest
 import trio
 from support.peers import EmbeddedServer, Nbdkit
+from support.proxy import proxied
 
 from blockdrv import ConnectionLostError, ProtocolError, State, open_nbd
 from blockdrv.fuzz.model import Model
 from blockdrv.fuzz.observer import StreamObserver
-from blockdrv.fuzz.proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER, FaultProxy
+from blockdrv.fuzz.proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
-from blockdrv.protocol import parse_uri, wire
+from blockdrv.protocol import wire
 
 MiB = 1024 * 1024
 
@@ -23,10 +24,8 @@ pytestmark = pytest.mark.interop
 
 
 async def test_proxy_forwards_and_cuts_in_both_directions(tmp_path):
-    with Nbdkit(tmp_path, "memory", "16M") as server, trio.fail_after(60):
-        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(proxy.serve)
+    with trio.fail_after(60):
+        async with proxied(Nbdkit(tmp_path, "memory", "16M"), tmp_path) as (_, proxy, address):
             for direction in (TO_SERVER, TO_CLIENT):
                 async with open_nbd(address, reconnect_delay=0) as dev:
                     await dev.pwrite(b"p" * 4096, 0)
@@ -35,14 +34,11 @@ async def test_proxy_forwards_and_cuts_in_both_directions(tmp_path):
                     with pytest.raises(ConnectionLostError):
                         await dev.pread(65536, 0)
             assert proxy.injected["cut-to-server"] == proxy.injected["cut-to-client"] == 1
-            proxy.close()
 
 
 async def test_proxy_reset_stall_and_delay(tmp_path):
-    with Nbdkit(tmp_path, "memory", "16M") as server, trio.fail_after(60):
-        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(proxy.serve)
+    with trio.fail_after(60):
+        async with proxied(Nbdkit(tmp_path, "memory", "16M"), tmp_path) as (_, proxy, address):
             async with open_nbd(address, reconnect_delay=5, retry_initial=0.05) as dev:
                 proxy.reset()
                 await dev.pread(512, 0)  # reconnected through the proxy
@@ -56,7 +52,6 @@ async def test_proxy_reset_stall_and_delay(tmp_path):
                 await dev.pread(512, 0)
                 assert trio.current_time() - start >= 0.09  # both directions held
             assert proxy.injected["reset"] == 1
-            proxy.close()
 
 
 @pytest.mark.parametrize("kind", MALFORMED_KINDS)
@@ -65,10 +60,8 @@ async def test_proxy_malformed_reply_is_a_protocol_error(kind, server_kind, tmp_
     peer = {"nbdkit": lambda: Nbdkit(tmp_path, "memory", "16M"),
             "nbdkit-no-sr": lambda: Nbdkit(tmp_path, "--no-sr", "memory", "16M"),
             "embedded": lambda: EmbeddedServer(tmp_path, "--memory", "16M")}[server_kind]()
-    with peer as server, trio.fail_after(60):
-        proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(proxy.serve)
+    with trio.fail_after(60):
+        async with proxied(peer, tmp_path) as (_, proxy, address):
             async with open_nbd(address, reconnect_delay=5) as dev:
                 await dev.pwrite(b"m" * 8192, 0)
                 proxy.malformed(kind)
@@ -77,7 +70,6 @@ async def test_proxy_malformed_reply_is_a_protocol_error(kind, server_kind, tmp_
                         assert await dev.pread(8192, 0) == b"m" * 8192
                 assert dev.state is State.QUIT
             assert proxy.injected["malformed"] == 1
-            proxy.close()
 
 
 def test_observer_finds_reply_boundaries():
@@ -200,7 +192,8 @@ def test_bad_arguments(args, message):
 
 async def test_run_object_reports_a_table_worth_of_figures():
     config = FuzzConfig(seed=9, ops=600, size=4 * MiB, fault_interval=0.2)
-    result = await FuzzRun(config).run()
+    with trio.fail_after(300):  # far more than the run takes
+        result = await FuzzRun(config).run()
     assert result.ok, result.violations
     assert result.ops_total == 600 and result.latency(0.5) > 0
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 import pytest
 import trio
 import trio.testing
-from support.inprocess import URI, InProcessServer
-from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
+from support.inprocess import URI, open_in_process, serving
+from support.peers import file_server, sparse_image
 from support.workload import workload
 from trio_util import AsyncValue
 
@@ -21,15 +19,10 @@ MiB = 1024 * 1024
 BLOCK = 4096
 
 
-@asynccontextmanager
-async def multi_device(connections: int, *, export: Export | None = None, **options):
+def multi_device(connections: int, *, export: Export | None = None, **options):
     """A device over ``connections`` in-process connections; yields (device, server)."""
-    async with trio.open_nursery() as nursery:
-        srv = InProcessServer(nursery, export or Export("", MemoryBackend(MiB)))
-        async with open_nbd(URI, stream_factory=srv.connect, connections=connections,
-                            **options) as dev:
-            yield dev, srv
-        nursery.cancel_scope.cancel()
+    return open_in_process(export or Export("", MemoryBackend(MiB)),
+                           connections=connections, **options)
 
 
 async def test_requests_are_spread_over_every_connection(autojump_clock):
@@ -61,14 +54,12 @@ async def test_without_multi_conn_one_connection_is_used_and_the_note_says_why()
 
 async def test_one_connection_is_a_plain_device():
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            srv = InProcessServer(nursery, Export("", MemoryBackend(MiB)))
+        async with serving(Export("", MemoryBackend(MiB))) as srv:
             async with open_nbd(URI, stream_factory=srv.connect) as dev:
                 assert isinstance(dev, NBDDevice) and dev.connections == 1
             with pytest.raises(InvalidArgumentError, match="connections"):
                 async with open_nbd(URI, stream_factory=srv.connect, connections=0):
                     pass
-            nursery.cancel_scope.cancel()
 
 
 async def test_the_state_is_the_worst_of_the_connections(autojump_clock):
@@ -132,8 +123,7 @@ async def test_drained_sections_and_a_server_restart_lose_nothing(autojump_clock
                             drains.append([m.in_flight.value for m in dev.members])
                     else:
                         srv.kill()
-                        await trio.sleep(1.0)  # the outage lasts a (virtual) second
-                        srv.restart()
+                        await srv.restart_after(1.0)  # a (virtual) second's outage
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(chaos)
@@ -149,10 +139,7 @@ async def test_drained_sections_and_a_server_restart_lose_nothing(autojump_clock
 @pytest.mark.parametrize("kind", ["nbdkit", "embedded", "qemu-nbd"])
 async def test_multi_conn_against_real_servers(kind, tmp_path):
     image = sparse_image(tmp_path / "disk.img", 16 * MiB)
-    peer = {"nbdkit": lambda: Nbdkit(tmp_path, "file", str(image)),
-            "embedded": lambda: EmbeddedServer(tmp_path, "--file", str(image)),
-            "qemu-nbd": lambda: QemuNbd(tmp_path, image)}[kind]()
-    with peer, trio.fail_after(60):
+    with file_server(kind, tmp_path, image) as peer, trio.fail_after(60):
         async with open_nbd(peer.uri(), connections=3) as dev:
             if dev.info.can_multi_conn:
                 assert dev.connections == 3

@@ -10,14 +10,14 @@ from __future__ import annotations
 import errno
 import ssl
 import subprocess
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 import trustme
-from support.inprocess import InProcessServer
+from support.cli import blockdrv
+from support.inprocess import serving
 from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
 from support.streams import WrappedStream
 
@@ -68,12 +68,9 @@ def certs(tmp_path):
 
 @asynccontextmanager
 async def tls_server(settings: TLSSettings | None, size: int = MiB, **options):
-    async with trio.open_nursery() as nursery:
-        export = Export("", MemoryBackend(size))
-        srv = InProcessServer(nursery, export, **({"tls": settings} if settings else {}),
-                              **options)
+    export = Export("", MemoryBackend(size))
+    async with serving(export, **({"tls": settings} if settings else {}), **options) as srv:
         yield srv, export
-        nursery.cancel_scope.cancel()
 
 
 async def test_driver_and_embedded_server_talk_through_tls(certs):
@@ -187,13 +184,8 @@ async def test_reconnect_redoes_tls(certs, autojump_clock):
                                 retry_initial=0.5, tls_ca=certs.path("ca-cert.pem")) as dev:
                 await dev.pwrite(b"a" * 4096, 0)
                 srv.kill()
-
-                async def restart() -> None:
-                    await trio.sleep(2)  # a two (virtual) second outage
-                    srv.restart()
-
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(restart)
+                    nursery.start_soon(srv.restart_after, 2)  # a two (virtual) second outage
                     await dev.pwrite(b"b" * 4096, 4096)  # waits for the reconnect
                 assert await dev.pread(8192, 0) == b"a" * 4096 + b"b" * 4096
                 assert dev.statistics().reconnects == 1 and dev.info.tls
@@ -268,8 +260,7 @@ async def test_reconnect_over_tls_to_a_restarted_nbdkit(certs, tmp_path):
             for i, data in blocks.items():
                 await dev.pwrite(data, i * 65536)
                 if i == 20:  # the server dies and comes back: the next writes wait for it
-                    peer.kill()
-                    peer.start()
+                    peer.restart()
             for i, data in blocks.items():
                 assert await dev.pread(65536, i * 65536) == data
             assert dev.statistics().reconnects >= 1 and dev.info.tls
@@ -307,7 +298,6 @@ def test_nbdinfo_against_the_embedded_server_with_tls(certs, tmp_path):
         plain = subprocess.run(["nbdinfo", peer.uri()], capture_output=True, text=True,
                                timeout=60)
         assert plain.returncode != 0  # FORCEDTLS: no plaintext client gets in
-        ours = subprocess.run([sys.executable, "-m", "blockdrv", "info", "--json", uri],
-                              capture_output=True, text=True, timeout=60)
+        ours = blockdrv("info", "--json", uri, check=False, timeout=60)
         assert ours.returncode == 0, ours.stderr
         assert '"TLS": true' in ours.stdout

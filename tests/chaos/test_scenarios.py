@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 from support.outcomes import outcome
-from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
+from support.peers import file_server, sparse_image
+from support.proxy import proxied
 
 from blockdrv import NBDError, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
-from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER, FaultProxy
+from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import OP_KINDS, FuzzConfig, FuzzRun
-from blockdrv.protocol import parse_uri
 
 pytestmark = pytest.mark.interop
 
@@ -30,30 +29,11 @@ MiB = 1024 * 1024
 SERVERS = ["embedded", "nbdkit", "qemu-nbd"]
 
 
-def make_server(kind, directory, image):
-    if kind == "embedded":
-        return EmbeddedServer(directory, "--file", str(image))
-    if kind == "nbdkit":
-        return Nbdkit(directory, "file", str(image))
-    return QemuNbd(directory, image)
-
-
-@asynccontextmanager
-async def rig(kind, tmp_path, *, start=True):
-    """A server on a file, and the fault proxy in front of it."""
+def disk_server(kind, tmp_path):
+    """A server of ``kind`` (not started) on a new 32 MiB file; for proxied()."""
     image = sparse_image(tmp_path / "disk.img", 32 * MiB)
     (tmp_path / "srv").mkdir()
-    server = make_server(kind, tmp_path / "srv", image)
-    if start:
-        server.start()
-    proxy = FaultProxy(parse_uri(server.uri()), tmp_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(proxy.serve)
-            yield server, proxy, address
-            proxy.close()
-    finally:
-        server.stop()
+    return file_server(kind, tmp_path / "srv", image)
 
 
 @pytest.mark.parametrize("kind", SERVERS)
@@ -61,35 +41,36 @@ async def rig(kind, tmp_path, *, start=True):
 async def test_iotest_083_disconnect_at_every_phase(kind, direction, tmp_path):
     """Cut the connection at every byte of the handshake and of the first request:
     a clean error, never a hang; with a reconnect delay, the request succeeds."""
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        # How far the handshake and one request go, measured once.
-        proxy.cut(direction, 1 << 30, next_connection=True)
-        async with open_nbd(address) as dev:
-            await dev.pread(4096, 0)
-            (link,) = proxy.links
-            total = (1 << 30) - link.cut_after[direction]
-        outcomes = {"ok": 0, "error": 0}
-        for cut in range(0, total + 1):
-            proxy.cut(direction, cut, next_connection=True)
-            with trio.fail_after(30):
-                try:
-                    async with open_nbd(address, reconnect_delay=5,
-                                        retry_initial=0.01) as dev:
-                        assert await dev.pread(4096, 0) == bytes(4096)
-                    outcomes["ok"] += 1
-                except NBDError:
-                    outcomes["error"] += 1
-        # Cuts inside the handshake are clean errors; cuts in the transmission phase
-        # are retried on the next connection, which succeeds.
-        assert outcomes["error"] > 0 and outcomes["ok"] > 0
+    with trio.fail_after(300):  # far more than the whole sweep takes
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
+            # How far the handshake and one request go, measured once.
+            proxy.cut(direction, 1 << 30, next_connection=True)
+            async with open_nbd(address) as dev:
+                await dev.pread(4096, 0)
+                (link,) = proxy.links
+                total = (1 << 30) - link.cut_after[direction]
+            outcomes = {"ok": 0, "error": 0}
+            for cut in range(0, total + 1):
+                proxy.cut(direction, cut, next_connection=True)
+                with trio.fail_after(30):
+                    try:
+                        async with open_nbd(address, reconnect_delay=5,
+                                            retry_initial=0.01) as dev:
+                            assert await dev.pread(4096, 0) == bytes(4096)
+                        outcomes["ok"] += 1
+                    except NBDError:
+                        outcomes["error"] += 1
+            # Cuts inside the handshake are clean errors; cuts in the transmission phase
+            # are retried on the next connection, which succeeds.
+            assert outcomes["error"] > 0 and outcomes["ok"] > 0
 
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_iotest_264_restart_during_io(kind, tmp_path):
     rng = random.Random(264)
     shadow = bytearray(8 * MiB)
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(120):
+    with trio.fail_after(120):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
                                 retry_max=0.2) as dev:
 
@@ -118,16 +99,15 @@ async def test_iotest_264_restart_during_io(kind, tmp_path):
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_iotest_277_write_resent_after_drop(kind, tmp_path):
     data = os.urandom(3 * MiB)
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(120):
+    with trio.fail_after(120):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
                                 retry_max=0.2) as dev:
                 proxy.cut(TO_CLIENT, 0)  # the server gets the write; its reply is lost
 
                 async def new_server():
                     await dev.wait_state(State.CONNECTING_WAIT)
-                    server.kill()
-                    server.start()
+                    server.restart()
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(new_server)
@@ -138,8 +118,9 @@ async def test_iotest_277_write_resent_after_drop(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_reconnect_on_open(kind, tmp_path):
-    async with rig(kind, tmp_path, start=False) as (server, proxy, address):
-        with trio.fail_after(60):
+    server = disk_server(kind, tmp_path)
+    with trio.fail_after(60):
+        async with proxied(server, tmp_path, start=False) as (_, proxy, address):
             async with trio.open_nursery() as nursery:
 
                 async def come_up():
@@ -155,8 +136,8 @@ async def test_reconnect_on_open(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_drain_during_an_outage_ends_within_the_delay(kind, tmp_path):
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(60):
+    with trio.fail_after(60):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, reconnect_delay=1.5, retry_initial=0.05) as dev:
                 proxy.stall(30)  # replies stop coming: requests stay in flight
                 outcomes = []
@@ -180,8 +161,8 @@ async def test_drain_during_an_outage_ends_within_the_delay(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_filter_insertion_during_an_outage(kind, tmp_path):
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(60):
+    with trio.fail_after(60):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, reconnect_delay=20, retry_initial=0.05,
                                 retry_max=0.2) as dev:
                 await dev.pwrite(b"f" * 4096, 0)
@@ -208,8 +189,8 @@ async def test_filter_insertion_during_an_outage(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_more_requests_than_max_in_flight_when_the_server_dies(kind, tmp_path):
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(60):
+    with trio.fail_after(60):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, max_in_flight=4, reconnect_delay=20,
                                 retry_initial=0.05, retry_max=0.2) as dev:
                 await dev.pwrite(os.urandom(MiB), 0)
@@ -234,8 +215,8 @@ async def test_more_requests_than_max_in_flight_when_the_server_dies(kind, tmp_p
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
-    async with rig(kind, tmp_path) as (server, proxy, address):
-        with trio.fail_after(60):
+    with trio.fail_after(60):
+        async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
             async with open_nbd(address, reconnect_delay=30, retry_initial=0.05) as dev:
                 server.kill()
                 outcomes = []
@@ -267,7 +248,8 @@ async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
 async def test_short_fuzz_run(kind):
     config = FuzzConfig(server=kind, seed=SERVERS.index(kind) + 100, duration=8,
                         size=16 * MiB, fault_interval=0.5)
-    result = await FuzzRun(config).run()
+    with trio.fail_after(300):  # far more than the 8 s run
+        result = await FuzzRun(config).run()
     assert result.ok, result.violations
     # A server crash is reported and the server restarted; the only one allowed here is
     # nbdkit 1.32's known abort when a connection is cut while it replies.

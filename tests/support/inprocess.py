@@ -2,19 +2,24 @@
 
 Nothing waits for real I/O, so tests can use the autojump clock; ``kill()`` and
 ``restart()`` simulate a server process dying and coming back on the same storage.
+:func:`serving` runs a server for the length of a ``with`` block, :func:`open_in_process`
+also opens a device on it.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 import trio.testing
 
-from blockdrv.server import Export, NBDServer
+from blockdrv import open_nbd
+from blockdrv.server import Export, MemoryBackend, NBDServer
 
 URI = "nbd+unix:///?socket=/in-process"
+MiB = 1024 * 1024
 
 
 class InProcessServer:
@@ -59,3 +64,32 @@ class InProcessServer:
         """A new server process on the same exports (their data is kept)."""
         self.server = NBDServer(self.exports, **{**self.server_options, **server_options})  # type: ignore[arg-type]
         self.up = True
+
+    async def restart_after(self, seconds: float) -> None:
+        """restart() after ``seconds``: for autojump_clock tests, where that is virtual."""
+        await trio.sleep(seconds)
+        self.restart()
+
+
+@asynccontextmanager
+async def serving(exports: Export | Sequence[Export],
+                  **server_options: object) -> AsyncIterator[InProcessServer]:
+    """An InProcessServer for the length of the block (its nursery is then cancelled);
+    ``srv.nursery`` can run the server side of a test's own stream factory."""
+    async with trio.open_nursery() as nursery:
+        yield InProcessServer(nursery, exports, **server_options)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_in_process(export: Export | None = None, *,
+                          server_options: dict[str, object] | None = None,
+                          wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
+                          **options: Any) -> AsyncIterator[tuple[Any, InProcessServer]]:
+    """A server on ``export`` (default: 8 MiB in memory) and a device open on it, with
+    open_nbd ``options``; yields (device, server).  ``wrap``: see wrapped_connect()."""
+    async with serving(export or Export("", MemoryBackend(8 * MiB)),
+                       **(server_options or {})) as srv:
+        connect = srv.connect if wrap is None else srv.wrapped_connect(wrap)
+        async with open_nbd(URI, stream_factory=connect, **options) as dev:
+            yield dev, srv
