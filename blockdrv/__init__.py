@@ -5,7 +5,6 @@ architecture.  The public names are re-exported here.
 """
 
 from .nbd import (
-    ConnectError,
     Device,
     DeviceStatistics,
     Extent,
@@ -15,7 +14,9 @@ from .nbd import (
     open_nbd,
 )
 from .protocol.errors import (
+    ConnectError,
     ConnectionLostError,
+    DeadlockError,
     InvalidArgumentError,
     NBDError,
     OptionError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConnectError",
     "ConnectionLostError",
+    "DeadlockError",
     "Device",
     "DeviceStatistics",
     "Extent",

@@ -25,6 +25,13 @@ the graph), and reopens the gate when the section ends.  Drains nest (a counter)
 never cancel or fail anything.  The graph changes of :mod:`blockdrv.block.graph` edit
 ``_proxies`` and ``_replacement`` inside such a section.
 
+The section's *owner* (the task that entered it) can still do I/O: through the
+:class:`DrainedSection` handle the section yields, whose calls pass the gates of the
+node and of the nodes drained with it (a context variable marks the owner's calls for
+the length of each call, so the mark follows them down the graph).  The owner calling
+the node directly would wait at its own gate forever; that fails at once with
+:class:`~blockdrv.protocol.errors.DeadlockError` instead.  Other tasks wait as usual.
+
 This module sits below both the NBD driver and the block graph: the driver's
 :class:`~blockdrv.nbd.NBDDevice` is a BlockNode, and filters are too.
 """
@@ -33,12 +40,14 @@ from __future__ import annotations
 
 import abc
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, AsyncIterator, NamedTuple, Protocol, Sequence
 
+import trio
 from trio_util import AsyncValue
 
 from .protocol.constants import BASE_ALLOCATION
-from .protocol.errors import InvalidArgumentError
+from .protocol.errors import DeadlockError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from .protocol.export import ExportInfo
@@ -50,6 +59,10 @@ class Extent(NamedTuple):
     offset: int
     length: int
     flags: int
+
+
+_SECTION_IO: ContextVar[bool] = ContextVar("blockdrv_drained_section_io", default=False)
+"""True while a drained section's owner does I/O through the section's handle."""
 
 
 class IO(Protocol):
@@ -78,6 +91,7 @@ class BlockNode(abc.ABC):
         self.in_flight = AsyncValue(0)  # through the port, until they return
         self._executing = AsyncValue(0)  # inside this node's own implementation
         self._drains = AsyncValue(0)
+        self._drain_owners: list[trio.lowlevel.Task] = []  # tasks inside drained()
         self._proxies: list[BlockNode] = []  # inserted on this port, bottom first
         self._replacement: BlockNode | None = None
         self._own = _Own(self)
@@ -125,11 +139,38 @@ class BlockNode(abc.ABC):
 
     # --- the port ---------------------------------------------------------------------
 
+    async def _gate(self) -> None:
+        """Wait while the node is drained (called only while it is); the section's
+        owner passes with its handle, and fails at once without it."""
+        while self._drains.value:  # re-check: a new drain may start as one ends
+            if self._drain_owners and trio.lowlevel.current_task() in self._drain_owners:
+                if _SECTION_IO.get():
+                    return
+                raise DeadlockError(
+                    f"I/O on {self!r} from inside its own drained section would wait "
+                    "forever; do it through the section's handle: "
+                    "`async with node.drained() as io: await io.pread(...)`")
+            await self._drains.wait_value(0)
+
+    @property
+    def draining(self) -> bool:
+        """A drained section of this node is active (new requests wait)."""
+        return bool(self._drains.value)
+
+    async def wait_draining(self) -> None:
+        """Wait until a drained section of this node is active."""
+        await self._drains.wait_value(lambda drains: drains > 0)
+
+    @property
+    def filters(self) -> tuple[BlockNode, ...]:
+        """The filters inserted on this node's port, bottom first."""
+        return tuple(self._proxies)
+
     @asynccontextmanager
     async def _entry(self) -> AsyncIterator[IO]:
         """Wait at the drain gate, count the request, yield where to route it."""
-        while self._drains.value:  # re-check: a new drain may start as one ends
-            await self._drains.wait_value(0)
+        if self._drains.value:
+            await self._gate()
         self.in_flight.value += 1
         try:
             route = self._route()
@@ -154,8 +195,8 @@ class BlockNode(abc.ABC):
 
     async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
-        while self._drains.value:  # re-check: a new drain may start as one ends
-            await self._drains.wait_value(0)
+        if self._drains.value:
+            await self._gate()
         in_flight = self.in_flight
         in_flight.value += 1
         try:
@@ -173,8 +214,8 @@ class BlockNode(abc.ABC):
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
-        while self._drains.value:
-            await self._drains.wait_value(0)
+        if self._drains.value:
+            await self._gate()
         in_flight = self.in_flight
         in_flight.value += 1
         try:
@@ -216,21 +257,25 @@ class BlockNode(abc.ABC):
     # --- drained sections -------------------------------------------------------------
 
     @asynccontextmanager
-    async def drained(self) -> AsyncIterator[None]:
+    async def drained(self) -> AsyncIterator[DrainedSection]:
         """No request through this node: new ones wait, in-flight ones finish.
 
         Drains this node's children too; never cancels or fails a request; nests.
+        Yields a :class:`DrainedSection`: the owner's own I/O goes through it.
         """
+        owner = trio.lowlevel.current_task()
         self._drains.value += 1
+        self._drain_owners.append(owner)
         try:
             await self.in_flight.wait_value(0)
             await self._executing.wait_value(0)
             async with AsyncExitStack() as stack:
                 for child in self._below():
                     await stack.enter_async_context(child.drained())
-                yield
+                yield DrainedSection(self)
         finally:
             self._drains.value -= 1
+            self._drain_owners.remove(owner)
 
     def _below(self) -> Sequence[BlockNode]:
         """Where this node's own requests go: its replacement, or its children."""
@@ -241,13 +286,62 @@ class BlockNode(abc.ABC):
         return Bypass(self)
 
 
-class _Own:
-    """Routes port calls to the node's own ``_do_*`` implementation, counted."""
+class _Calls:
+    """The I/O methods of a port, each one call of ``_call(method, *args)``: the router
+    classes below differ only in where that goes."""
 
     __slots__ = ("node",)
 
-    def __init__(self, node: BlockNode) -> None:
+    def __init__(self, node: Any) -> None:
         self.node = node
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def pread(self, count: int, offset: int) -> bytes:
+        """Read ``count`` bytes at ``offset``."""
+        buf = bytearray(count)
+        await self.pread_into(buf, offset)
+        return bytes(buf)
+
+    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+        await self._call("pread_into", buf, offset)
+
+    async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        """Write ``buf`` at ``offset``."""
+        await self._call("pwrite", buf, offset, fua=fua)
+
+    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
+                   fast: bool = False, fua: bool = False) -> None:
+        """Write zeroes."""
+        await self._call("zero", count, offset, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
+        """Discard a range."""
+        await self._call("trim", count, offset, fua=fua)
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        await self._call("flush")
+
+    async def cache(self, count: int, offset: int) -> None:
+        """Prefetch a range."""
+        await self._call("cache", count, offset)
+
+    async def block_status(self, count: int, offset: int, *,
+                           context: str = BASE_ALLOCATION) -> list[Extent]:
+        """Extents of ``context`` covering the range, in order."""
+        return await self._call(  # type: ignore[no-any-return]
+            "block_status", count, offset, context=context)
+
+
+class _Own(_Calls):
+    """Routes port calls to the node's own ``_do_*`` implementation, counted."""
+
+    __slots__ = ()
+    node: BlockNode
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         node = self.node
@@ -266,23 +360,6 @@ class _Own:
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         await self._call("pwrite", memoryview(buf).cast("B"), offset, fua=fua)
-
-    async def zero(self, count: int, offset: int, *, may_trim: bool = True,
-                   fast: bool = False, fua: bool = False) -> None:
-        await self._call("zero", count, offset, may_trim=may_trim, fast=fast, fua=fua)
-
-    async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
-        await self._call("trim", count, offset, fua=fua)
-
-    async def flush(self) -> None:
-        await self._call("flush")
-
-    async def cache(self, count: int, offset: int) -> None:
-        await self._call("cache", count, offset)
-
-    async def block_status(self, count: int, offset: int, *,
-                           context: str = BASE_ALLOCATION) -> list[Extent]:
-        return await self._call("block_status", count, offset, context=context)  # type: ignore[no-any-return]
 
 
 class Bypass(_Own):
@@ -312,21 +389,36 @@ class Bypass(_Own):
         """The node's export info."""
         return self.node.info
 
-    async def pread(self, count: int, offset: int) -> bytes:
-        """Read ``count`` bytes at ``offset`` through the bypass."""
-        buf = bytearray(count)
-        await self.pread_into(buf, offset)
-        return bytes(buf)
-
     @asynccontextmanager
-    async def drained(self) -> AsyncIterator[None]:
+    async def drained(self) -> AsyncIterator[DrainedSection]:
         """Drained section of what executes below this point (not the port)."""
         node = self.node
         await node._executing.wait_value(0)
         async with AsyncExitStack() as stack:
             for child in node._below():
                 await stack.enter_async_context(child.drained())
-            yield
+            yield DrainedSection(self)
 
     def __repr__(self) -> str:
         return f"<Bypass of {self.node!r}>"
+
+
+class DrainedSection(_Calls):
+    """The owner's way in while a drained section is active: the node's I/O methods,
+    passing the gates the section closed.
+
+    ``async with node.drained() as io: await io.pread(4096, 0)``.  Only the task that
+    entered the section may use it (other tasks wait at the gate as usual).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<DrainedSection of {self.node!r}>"
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        token = _SECTION_IO.set(True)
+        try:
+            return await getattr(self.node, method)(*args, **kwargs)
+        finally:
+            _SECTION_IO.reset(token)

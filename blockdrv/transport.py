@@ -20,8 +20,16 @@ any other stream (TLS, test memory streams) it falls back to ``receive_some`` an
 time, concurrently.
 
 Failures of the byte stream (EOF, reset, a closed or shut-down socket) all surface as
-:class:`TransportError`.  An operation interrupted part-way (cancelled after some bytes
-moved) leaves the stream out of step, so the channel marks itself ``broken``.
+:class:`TransportError`.  Reads are resumable (peeks consume nothing until they are
+whole; payload reads report what they got), so a cancelled read loses nothing.  A send
+that was cancelled after its first byte went out finishes under a bounded shield
+(``finish_within``); only when that fails is the stream out of step, and the channel
+marks itself ``broken``.
+
+On a plain socket the channel does not checkpoint while the kernel has data or room:
+that is what makes it fast, and it is why its users must checkpoint themselves in any
+loop over what a peer sends.  ``waits`` counts the reads and sends that had to wait
+(each such wait is a checkpoint), so a caller can tell whether an operation yielded.
 ``shutdown()`` is synchronous and makes every blocked read or write fail at once, which
 is how the driver stops all I/O on a connection it has given up on.
 """
@@ -130,7 +138,8 @@ def _raw_socket(stream: trio.abc.Stream) -> _stdlib_socket.socket | None:
 class Channel:
     """One connection's stream with buffered header reads and zero-copy payloads."""
 
-    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken", "_failure")
+    __slots__ = ("stream", "_sock", "_buffer", "_view", "_start", "_end", "broken", "_failure",
+                 "waits")
 
     def __init__(self, stream: trio.abc.Stream, *,
                  read_ahead: int = DEFAULT_READ_AHEAD) -> None:
@@ -142,6 +151,7 @@ class Channel:
         self._end = 0
         self.broken = False
         self._failure: OSError | None = None  # met by peek_nowait, raised by the next read
+        self.waits = 0  # times a read or a send had to wait (each wait is a checkpoint)
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else "ok"
@@ -191,8 +201,10 @@ class Channel:
                         n = sock.recv_into(view)
                         break
                     except BlockingIOError:
+                        self.waits += 1
                         await trio.lowlevel.wait_readable(sock)
             else:
+                self.waits += 1
                 data = await self.stream.receive_some(len(view))
                 n = len(data)
                 view[:n] = data
@@ -344,47 +356,90 @@ class Channel:
 
     # --- sending --------------------------------------------------------------------
 
-    async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
-        """Send every buffer, in order, as one scatter-gather write where possible."""
-        sent_any = False
+    async def send(self, *buffers: bytes | bytearray | memoryview,
+                   finish_within: float | None = None) -> None:
+        """Send every buffer, in order, as one scatter-gather write where possible.
+
+        A message is atomic with respect to cancellation once it has started: if the
+        caller is cancelled before any byte went out, nothing was sent and Cancelled
+        propagates; once a byte is out, the rest is sent under a shield for at most
+        ``finish_within`` seconds more (``None``: not at all), and the send returns
+        normally, leaving the cancellation to the caller's next checkpoint.  Only when
+        that bound passes (or without one) is the stream left out of step: ``broken``,
+        and Cancelled propagates.  Over a stream that is not a plain socket (TLS, test
+        streams) trio cannot finish a cancelled ``send_all``, so there a cancellation
+        during the send always leaves the stream ``broken``.
+        """
+        sock = self._sock
         try:
-            sock = self._sock
-            if sock is not None:
-                if len(buffers) == 1 and type(buffers[0]) is bytes:
-                    # One header on its own (most requests): a plain send, usually the
-                    # only call.
-                    data = buffers[0]
-                    try:
-                        n = sock.send(data)
-                    except BlockingIOError:
-                        n = 0
-                    if n:
-                        sent_any = True
-                    if n == len(data):
-                        return
-                    views: list[memoryview] = [memoryview(data)[n:]]
-                else:
-                    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-                while views:
-                    try:
-                        n = sock.sendmsg(views)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    sent_any = True
-                    views = _advance(views, n)
+            if sock is None:
+                await self._send_stream(buffers)
+                return
+            if len(buffers) == 1 and type(buffers[0]) is bytes:
+                # One header on its own (most requests): a plain send, usually the
+                # only call.
+                data = buffers[0]
+                try:
+                    n = sock.send(data)
+                except BlockingIOError:
+                    n = 0
+                if n == len(data):
+                    return
+                views: list[memoryview] = [memoryview(data)[n:]]
+                sent_any = n > 0
             else:
-                for b in buffers:
-                    if len(b):
-                        # A cancelled send_all may have sent some or all of its data.
-                        sent_any = True
-                        await self.stream.send_all(b)
+                views = [memoryview(b).cast("B") for b in buffers if len(b)]
+                sent_any = False
+            while views:
+                try:
+                    n = sock.sendmsg(views)
+                except BlockingIOError:
+                    self.waits += 1
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except trio.Cancelled:
+                        if not sent_any:
+                            raise  # nothing went out: the message was not sent
+                        if finish_within is not None \
+                                and await self._finish_send(sock, views, finish_within):
+                            # Sent whole: the cancellation stays pending (trio's is
+                            # level-triggered) and reaches the caller at its next
+                            # checkpoint, once the request counts as sent.
+                            return
+                        self.broken = True  # part of a message went out
+                        raise
+                    continue
+                sent_any = True
+                views = _advance(views, n)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = True
             raise TransportError(f"connection failed: {exc}") from exc
-        except BaseException:
-            if sent_any:
-                self.broken = True  # part of a message went out: the stream is out of step
+
+    async def _finish_send(self, sock: _stdlib_socket.socket, views: list[memoryview],
+                           within: float) -> bool:
+        """The rest of a cancelled message, shielded, for at most ``within`` seconds;
+        True if it all went out."""
+        with trio.CancelScope(shield=True) as shield:
+            shield.deadline = trio.current_time() + within
+            while views:
+                try:
+                    views = _advance(views, sock.sendmsg(views))
+                except BlockingIOError:
+                    self.waits += 1
+                    await trio.lowlevel.wait_writable(sock)
+            return True
+        return False
+
+    async def _send_stream(self, buffers: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        """send() over a trio stream (TLS, test streams)."""
+        self.waits += 1
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled already: nothing sent
+        try:
+            for b in buffers:
+                if len(b):
+                    await self.stream.send_all(b)
+        except trio.Cancelled:
+            self.broken = True  # a cancelled send_all may have sent some of its data
             raise
 
     # --- ending ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .protocol.constants import Command
+from .protocol.errors import InvalidArgumentError
 
 
 def command_of(value: Command | int | str) -> Command:
@@ -25,7 +26,7 @@ def command_of(value: Command | int | str) -> Command:
         try:
             return Command[name]
         except KeyError:
-            raise ValueError(f"unknown command {value!r}") from None
+            raise InvalidArgumentError(f"unknown command {value!r}") from None
     return Command(value)
 
 
@@ -53,9 +54,9 @@ class Trigger:
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.after < 0 or not 0 <= self.rate <= 1:
-            raise ValueError("need every >= 1, after >= 0 and 0 <= rate <= 1")
+            raise InvalidArgumentError("need every >= 1, after >= 0 and 0 <= rate <= 1")
         if self.times is not None and self.times < 0:
-            raise ValueError("times must not be negative")
+            raise InvalidArgumentError("times must not be negative")
 
     def matches(self, command: Command, offset: int, length: int) -> bool:
         if self.commands is not None and command not in self.commands:

@@ -73,7 +73,7 @@ async def test_filters_inserted_and_removed_under_load_lose_nothing(seed, autoju
                 done = await workload(dev, shadow, tasks=32, ops=25, seed=seed)
                 stop.set()
             assert done == 800 and changes[0] >= 20
-            assert dev._proxies == []
+            assert dev.filters == ()
             assert await dev.pread(len(shadow), 0) == shadow
 
 
@@ -129,9 +129,9 @@ async def test_filters_stack_last_inserted_first():
             order.clear()
             await dev.flush()
             assert order == ["high"]
-            assert high.child is not None and dev._proxies == [high]
+            assert high.child is not None and dev.filters == (high,)
             await remove_filter(high)
-            assert dev._proxies == []
+            assert dev.filters == ()
             with pytest.raises(ValueError):
                 await remove_filter(high)
 

@@ -40,6 +40,7 @@ from blockdrv.protocol.options import (
     encode_info_export,
     encode_option_reply,
     encode_rep_meta_context,
+    encode_rep_server,
 )
 from blockdrv.protocol.server_negotiate import ExportOffer, ServerNegotiator
 
@@ -403,3 +404,62 @@ def test_info_replies_may_come_in_any_order():
                            struct.pack(">H", Info.NAME) + b"canonical")
                    + go_ok())
     assert event.info.name == "canonical" and event.info.max_payload == 65536
+
+
+# --- what a server can make the negotiator hold is bounded ----------------------------
+
+
+def test_info_replies_past_the_cap_are_a_violation():
+    from blockdrv.protocol.constants import MAX_INFO_REPLIES
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    name = reply(Option.GO, OptionReply.INFO, struct.pack(">H", Info.NAME) + b"n")
+    assert s.feed(name * MAX_INFO_REPLIES) is NEED_DATA
+    with pytest.raises(ProtocolError, match="MAX_INFO_REPLIES"):
+        s.feed(name)
+
+
+@pytest.mark.parametrize("goal, option, make", [
+    (Goal.LIST, Option.LIST, lambda i: encode_rep_server(f"export-{i}")),
+    (Goal.LIST_META_CONTEXT, Option.LIST_META_CONTEXT,
+     lambda i: encode_rep_meta_context(i, f"x:{i}")),
+])
+def test_list_answers_past_the_cap_are_a_violation(goal, option, make):
+    from blockdrv.protocol.constants import MAX_LIST_ENTRIES
+    s = Script(extended=False, structured=False, goal=goal)
+    s.feed(greet())
+    entry_type = OptionReply.SERVER if option == Option.LIST else OptionReply.META_CONTEXT
+    batch = 4096
+    for start in range(0, MAX_LIST_ENTRIES, batch):
+        s.feed(b"".join(reply(option, entry_type, make(i)) for i in range(start, start + batch)))
+    with pytest.raises(ProtocolError, match="MAX_LIST_ENTRIES"):
+        s.feed(reply(option, entry_type, make(MAX_LIST_ENTRIES)))
+
+
+def test_list_answers_past_the_byte_cap_are_a_violation():
+    from blockdrv.protocol.constants import MAX_LIST_BYTES
+    s = Script(extended=False, structured=False, goal=Goal.LIST)
+    s.feed(greet())
+    entry = reply(Option.LIST, OptionReply.SERVER, encode_rep_server("e" * 4000, "d" * 4000))
+    with pytest.raises(ProtocolError, match="MAX_LIST_BYTES"):
+        for _ in range(MAX_LIST_BYTES // len(entry) + 1):
+            s.feed(entry)
+
+
+def test_a_context_not_asked_for_is_refused():
+    s = Script(meta_contexts=("base:allocation",))
+    s.feed(greet())
+    s.feed(reply(Option.EXTENDED_HEADERS))
+    with pytest.raises(ProtocolError, match="'qemu:evil', which was not asked for"):
+        s.feed(reply(Option.SET_META_CONTEXT, OptionReply.META_CONTEXT,
+                     encode_rep_meta_context(9, "qemu:evil")))
+
+
+def test_a_listed_context_is_kept_once():
+    s = Script(extended=False, goal=Goal.LIST_META_CONTEXT)
+    s.feed(greet())
+    s.feed(reply(Option.STRUCTURED_REPLY))
+    entry = reply(Option.LIST_META_CONTEXT, OptionReply.META_CONTEXT,
+                  encode_rep_meta_context(1, "base:allocation"))
+    event = s.feed(entry * 3 + reply(Option.LIST_META_CONTEXT))
+    assert event.contexts == ["base:allocation"]

@@ -17,6 +17,7 @@ from blockdrv.protocol import (
     ProtocolError,
     ReadData,
     ReadHole,
+    ReplyCursor,
     ReplyDone,
     ReplyReader,
     ReplyState,
@@ -31,7 +32,7 @@ def reader(*requests, structured=True, extended=False, contexts=frozenset({1})):
     """A ReplyReader expecting (cookie, command, offset, length[, flags]) requests."""
     r = ReplyReader(structured=structured, extended=extended)
     for cookie, command, offset, length, *flags in requests:
-        r.expect(cookie, ReplyState(command, offset, length, flags[0] if flags else 0,
+        r.expect(cookie, ReplyCursor(command, offset, length, flags[0] if flags else 0,
                                     structured=structured, extended=extended,
                                     context_ids=contexts))
     return r
@@ -243,6 +244,77 @@ def test_hostile_lengths_allocate_nothing():
         assert tracemalloc.get_traced_memory()[1] - base < 256 * 1024
     finally:
         tracemalloc.stop()
+
+
+# --- bounded bookkeeping: chunk count, scattered pieces ----------------------------------
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "outside-in"])
+def test_adjacent_chunks_join_into_one_range(order):
+    """In-order, reverse and outside-in chunks keep one range (plus the gap), however
+    many there are: the bookkeeping does not grow with the chunk count."""
+    state = ReplyState(READ, 0, 1024, structured=True)
+    starts = list(range(0, 1024, 4))
+    if order == "reverse":
+        starts.reverse()
+    elif order == "outside-in":
+        pairs = zip(starts, reversed(starts), strict=True)
+        starts = [x for pair in pairs for x in pair][:len(starts)]
+    for start in starts:
+        state.data(start, 4)
+        assert len(state._ranges) <= 2
+    assert state._ranges == [(0, 1024)] and state.covered == 1024
+
+
+def test_scattered_chunks_past_the_fragment_cap_are_a_violation():
+    from blockdrv.protocol.constants import MAX_REPLY_FRAGMENTS
+    state = ReplyState(READ, 0, 2 * (MAX_REPLY_FRAGMENTS + 1), structured=True)
+    for i in range(MAX_REPLY_FRAGMENTS):
+        state.data(2 * i, 1)  # every other byte: nothing joins
+    with pytest.raises(ProtocolError, match="MAX_REPLY_FRAGMENTS"):
+        state.data(2 * MAX_REPLY_FRAGMENTS, 1)
+    state.data(1, 1)  # a chunk that joins two ranges is fine at the cap
+
+
+def test_gaps_filled_later_join_both_neighbours():
+    state = ReplyState(READ, 100, 30, structured=True)
+    for start in (100, 120, 110):
+        state.data(start, 10)
+    assert state._ranges == [(100, 130)]
+    with pytest.raises(ProtocolError, match="overlaps"):
+        state.hole(105, 2)
+
+
+def test_a_reply_longer_than_the_chunk_cap_is_a_violation():
+    """1024 chunks plus one per 512 bytes asked for: a 4096-byte READ may have 1032."""
+    r = reader((1, READ, 0, 4096))
+    stream = b"".join(w.encode_error_chunk(1, 5, "again", done=False) for _ in range(1032))
+    assert len(drain(r, stream)) == 0  # error chunks make no events until the end
+    with pytest.raises(ProtocolError, match="MAX_REPLY_CHUNKS"):
+        drain(r, w.encode_error_chunk(1, 5, "again", done=False))
+
+
+def test_the_cursor_says_what_to_read_next():
+    """ReplyCursor steps: offset, data (resumable in pieces), payload, done."""
+    from blockdrv.protocol.replies import CHUNK_DONE, READ_DATA, READ_OFFSET, READ_PAYLOAD
+
+    cursor = ReplyCursor(READ, 1000, 300, structured=True)
+    header = w.decode_reply_header(w.encode_data_chunk_header(7, 1100, 100, done=False)[:20])
+    assert cursor.begin(header) == READ_OFFSET
+    cursor.data_offset(1100)
+    assert (cursor.step, cursor.at, cursor.left) == (READ_DATA, 100, 100)
+    cursor.data_read(60)
+    assert (cursor.step, cursor.at, cursor.left) == (READ_DATA, 160, 40)
+    cursor.data_read(40)
+    assert cursor.step == CHUNK_DONE and not cursor.finished
+    hole = w.encode_hole_chunk(7, 1000, 100, done=False)
+    assert cursor.begin(w.decode_reply_header(hole[:20])) == READ_PAYLOAD
+    assert cursor.left == 12
+    assert cursor.payload(hole[20:]) == ReadHole(7, 1000, 100)
+    rest = w.encode_hole_chunk(7, 1200, 100, done=True)
+    cursor.begin(w.decode_reply_header(rest[:20]))
+    cursor.payload(rest[20:])
+    assert cursor.finished and cursor.finish() is None and cursor.chunks == 3
 
 
 # --- fuzzing --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import trio
 
 from ..node import BlockNode
 from ..protocol.constants import Command
-from ..protocol.errors import RequestError, describe_errno
+from ..protocol.errors import InvalidArgumentError, RequestError, describe_errno
 from ..triggers import Trigger, commands_of, first_firing
 from .filter import FilterNode
 
@@ -48,7 +48,7 @@ class FaultFilter(FilterNode):
         """Add a rule; ``commands`` is a kind ("read", "write", "zero", ...), a list of
         kinds, or None for all.  Returns the rule, for :meth:`remove_rule`."""
         if errno is None and delay <= 0:
-            raise ValueError("a rule needs an errno, a delay, or both")
+            raise InvalidArgumentError("a rule needs an errno, a delay, or both")
         rule = FaultRule(commands=commands_of(commands), byte_range=byte_range,
                          every=every, after=after, times=1 if once else times, rate=rate,
                          errno=errno, delay=delay)

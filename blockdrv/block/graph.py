@@ -10,6 +10,7 @@ proxy pointers is the drained section.)
 from __future__ import annotations
 
 from ..node import BlockNode
+from ..protocol.errors import InvalidArgumentError
 from .filter import FilterNode
 
 
@@ -19,9 +20,9 @@ async def insert_filter(node: BlockNode, filter: FilterNode) -> None:
     Several filters stack: the last inserted is the first a request meets.
     """
     if filter.inserted_on is not None or filter.child is not None:
-        raise ValueError(f"{filter!r} is already part of a graph")
+        raise InvalidArgumentError(f"{filter!r} is already part of a graph")
     if filter is node:
-        raise ValueError("a filter cannot be inserted on itself")
+        raise InvalidArgumentError("a filter cannot be inserted on itself")
     async with node.drained():
         filter.child = node._proxies[-1] if node._proxies else node.bypass()
         filter.inserted_on = node
@@ -32,7 +33,7 @@ async def remove_filter(filter: FilterNode) -> None:
     """Take an inserted ``filter`` out again; its pending requests finish first."""
     node = filter.inserted_on
     if node is None:
-        raise ValueError(f"{filter!r} is not inserted on a node")
+        raise InvalidArgumentError(f"{filter!r} is not inserted on a node")
     async with node.drained(), filter.drained():
         stack = node._proxies
         index = stack.index(filter)
@@ -52,7 +53,7 @@ async def replace_node(old: BlockNode, new: BlockNode) -> None:
     hop: BlockNode | None = target
     while hop is not None:  # refuse a loop old -> new -> ... -> old
         if hop is old:
-            raise ValueError(f"replacing {old!r} by {new!r} would make a loop")
+            raise InvalidArgumentError(f"replacing {old!r} by {new!r} would make a loop")
         hop = hop._replacement
     async with old.drained():
         if target is not None:

@@ -1,8 +1,10 @@
 """The NBD client driver (DESIGN.md section 3): open_nbd, NBDDevice, states."""
 
 from ..node import Extent
-from .driver import ConnectError, Device, DeviceStatistics, NBDDevice, open_nbd
+from ..protocol.errors import ConnectError
+from .device import DeviceStatistics, NBDDevice
 from .multiconn import MultiConnDevice
+from .open import Device, open_nbd
 from .states import State
 
 __all__ = ["ConnectError", "Device", "DeviceStatistics", "Extent", "MultiConnDevice",

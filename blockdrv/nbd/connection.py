@@ -14,8 +14,12 @@ from every request task, so a request never connects by itself.
   16, 16, ... s), unless retrying is off (then one attempt).  Each attempt is bounded by
   ``attempt_timeout`` so a server that accepts and then says nothing cannot wedge it.
 - :meth:`cancel_wait` wakes the waiter *without* stopping the worker (the reconnect
-  delay expired, or ``cancel_in_flight()``): a later success stays in the slot for the
-  next request.  Likewise, cancelling the waiting task never cancels the attempt.
+  delay expired, or ``cancel_in_flight()``): a later success is kept for the next
+  request.  Likewise, cancelling the waiting task never cancels the attempt.
+- :meth:`start` starts the worker without waiting (the driver calls it the moment a
+  connection fails, so retries follow the schedule even while no request waits, as with
+  ``reconnect_delay=0``).  A success that nobody waits for is offered to ``on_ready``
+  (the driver installs it at once); if that declines, it waits in the result slot.
 - :meth:`close` stops the worker and closes an unclaimed connection.
 """
 
@@ -25,6 +29,8 @@ import logging
 from typing import Awaitable, Callable, Generic, TypeVar
 
 import trio
+
+from ..protocol.errors import InvalidArgumentError
 
 log = logging.getLogger("blockdrv.nbd")
 
@@ -36,13 +42,16 @@ class ClientConnection(Generic[T]):
 
     def __init__(self, attempt: Callable[[], Awaitable[T]], nursery: trio.Nursery, *,
                  close_result: Callable[[T], Awaitable[None]],
+                 on_ready: Callable[[T], bool] | None = None,
                  retry_initial: float = 1.0, retry_max: float = 16.0,
                  attempt_timeout: float = 30.0) -> None:
-        if retry_initial <= 0 or retry_max < retry_initial:
-            raise ValueError("need 0 < retry_initial <= retry_max")
+        if not 0 < retry_initial <= retry_max:
+            raise InvalidArgumentError(f"need 0 < retry_initial <= retry_max, not "
+                                       f"{retry_initial} and {retry_max}")
         self._attempt = attempt
         self._nursery = nursery
         self._close_result = close_result
+        self._on_ready = on_ready
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.attempt_timeout = attempt_timeout
@@ -68,7 +77,7 @@ class ClientConnection(Generic[T]):
         if not self.running:
             if self._result is not None:
                 return self._take()
-            self._start()
+            self.start()
         if not blocking:
             await trio.lowlevel.checkpoint()
             return None
@@ -90,8 +99,9 @@ class ClientConnection(Generic[T]):
         result, self._result = self._result, None
         return result
 
-    def _start(self) -> None:
-        if self._closed:
+    def start(self) -> None:
+        """Make sure the worker runs (no-op if it does, or a result is ready)."""
+        if self._closed or self.running or self._result is not None:
             return
         self.running = True
         self._scope = trio.CancelScope()
@@ -112,7 +122,11 @@ class ClientConnection(Generic[T]):
                     except Exception as exc:
                         self.error = exc
                     else:
-                        self._result, self.error = result, None
+                        self.error = None
+                        if self._waiter is None and self._on_ready is not None \
+                                and self._on_ready(result):
+                            return
+                        self._result = result
                         return
                     log.debug("connection attempt %d failed: %s", self.attempts, self.error)
                     assert self.error is not None

@@ -47,6 +47,8 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator,
                     tls: TLSSettings = NO_TLS) -> object:
     """Drive ``negotiator`` over ``channel``; returns its final event.
 
+    Every read that did not have to wait is followed by a checkpoint, so a server that
+    floods the handshake cannot hold up deadlines or the program's other tasks.
     Bytes that arrived after the handshake are put back into the channel.  After an
     acknowledged STARTTLS the channel is upgraded (:func:`blockdrv.tls.upgrade`) and the
     negotiation goes on inside TLS.  On an NBDError the soft-disconnect bytes
@@ -62,7 +64,10 @@ async def negotiate(channel: Channel, negotiator: ClientNegotiator,
             if out:
                 await channel.send(out)
             if event is NEED_DATA:
+                waits = channel.waits
                 negotiator.receive_data(await channel.receive_some())
+                if channel.waits == waits:  # the data was there: give others a turn
+                    await trio.lowlevel.checkpoint()
                 first_read_in_tls = False
             elif isinstance(event, StartTLS):
                 await upgrade(channel, tls)

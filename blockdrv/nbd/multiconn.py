@@ -36,9 +36,10 @@ from trio_util import AsyncValue, compose_values
 
 from ..node import BlockNode, Extent
 from ..protocol.constants import BASE_ALLOCATION
+from ..protocol.errors import ConnectError, InvalidArgumentError
 from ..protocol.export import ExportInfo
 from ..protocol.uri import NBDAddress
-from .driver import ConnectError, DeviceStatistics, NBDDevice
+from .device import DeviceStatistics, NBDDevice
 from .states import State
 
 T = TypeVar("T")
@@ -55,7 +56,7 @@ class MultiConnDevice(BlockNode):
     def __init__(self, members: Sequence[NBDDevice], note: str = "") -> None:
         super().__init__()
         if not members:
-            raise ValueError("a multi-conn device needs at least one connection")
+            raise InvalidArgumentError("a multi-conn device needs at least one connection")
         self.members: tuple[NBDDevice, ...] = tuple(members)
         self.connections_note = note
         self._write_numbers = itertools.count()

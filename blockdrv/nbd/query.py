@@ -10,11 +10,11 @@ from typing import Any, Sequence
 import trio
 
 from ..protocol import Goal
+from ..protocol.errors import ConnectError
 from ..protocol.events import ExportsListed, MetaContextsListed
 from ..protocol.export import ExportEntry
 from ..protocol.uri import NBDAddress, parse_uri
 from ..tls import client_settings
-from .driver import ConnectError
 from .handshake import HandshakeOptions, StreamFactory, connect
 
 TIMEOUT = 30.0  # seconds a server may take to answer the whole question

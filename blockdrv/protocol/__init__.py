@@ -42,7 +42,7 @@ from .events import (
 )
 from .export import ExportEntry, ExportInfo, check_request
 from .negotiate import ClientNegotiator, Goal, TLSMode
-from .replies import ReplyReader, ReplyState
+from .replies import ReplyCursor, ReplyReader, ReplyState
 from .uri import NBDAddress, parse_uri
 
 __all__ = [
@@ -54,6 +54,6 @@ __all__ = [
     "Negotiated", "ReadData", "ReadHole", "ReplyDone", "StartTLS",
     "ExportEntry", "ExportInfo", "check_request",
     "ClientNegotiator", "Goal", "TLSMode",
-    "ReplyReader", "ReplyState",
+    "ReplyCursor", "ReplyReader", "ReplyState",
     "NBDAddress", "parse_uri",
 ]

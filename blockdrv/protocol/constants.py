@@ -46,6 +46,26 @@ MAX_SMALL_CHUNK = 6 + MAX_STRING + 8
 MAX_BLOCK_STATUS_CHUNK = 1 << 20
 """Largest BLOCK_STATUS(_EXT) chunk payload (tens of thousands of extents)."""
 
+MAX_REPLY_CHUNKS = 1024
+"""Chunks one reply may have, besides one per :data:`REPLY_BYTES_PER_CHUNK` bytes asked
+for: a longer reply is a ProtocolError (a server fragmenting a 32 MiB READ into 512-byte
+pieces stays well inside; an endless stream of error chunks does not)."""
+
+REPLY_BYTES_PER_CHUNK = 512
+
+MAX_REPLY_FRAGMENTS = 4096
+"""Separate (not adjacent) pieces a READ reply's chunks may cover before they join up;
+adjacent chunks merge, so chunks sent in order or in reverse count as one piece."""
+
+MAX_INFO_REPLIES = 1024
+"""NBD_REP_INFO replies accepted for one NBD_OPT_GO or NBD_OPT_INFO."""
+
+MAX_LIST_ENTRIES = 65536
+"""Entries (NBD_REP_SERVER or NBD_REP_META_CONTEXT) accepted for one list option."""
+
+MAX_LIST_BYTES = 16 * 1024 * 1024
+"""Reply bytes accepted for one list option (NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT)."""
+
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 """READ/WRITE size limit when the server does not advertise one (spec: 2**25)."""
 

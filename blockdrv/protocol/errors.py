@@ -9,8 +9,11 @@ they do for a local disk:
 - :class:`ConnectionLostError` (EIO): the connection is gone and the retry window closed.
 - :class:`ProtocolError` (EPROTO): the peer broke the protocol; the connection is dead.
 - :class:`UnsupportedError` (ENOTSUP): the export does not offer that command or flag.
-- :class:`InvalidArgumentError` (EINVAL, also a ValueError): a bad argument, refused
-  before anything is sent.
+- :class:`InvalidArgumentError` (EINVAL, also a ValueError): a bad argument (a value
+  or a type), refused before anything is sent.  Every public call uses it for bad
+  arguments, so ``except ValueError`` keeps working.
+- :class:`ConnectError` (a ConnectionLostError): the device could not be opened.
+- :class:`DeadlockError` (EDEADLK): the call would wait for itself forever.
 """
 
 from __future__ import annotations
@@ -86,3 +89,14 @@ def describe_errno(code: int) -> str:
     """``EIO (Input/output error)`` style text for messages."""
     name = _errno.errorcode.get(code, str(code))
     return f"{name} ({os.strerror(code)})"
+
+
+class ConnectError(ConnectionLostError):
+    """The device could not be opened: no connection could be made or negotiated."""
+
+
+class DeadlockError(NBDError):
+    """The call would wait for itself forever (EDEADLK), e.g. I/O on a node from inside
+    that node's own drained section: use the handle the section yields instead."""
+
+    default_errno = _errno.EDEADLK

@@ -35,6 +35,15 @@ negotiator queues NBD_OPT_ABORT so the caller can end the session softly, as the
 asks.  When STARTTLS is acknowledged the negotiator returns :class:`StartTLS` and waits
 for ``tls_started()``; plaintext bytes that arrived after the acknowledgement are a
 protocol error (they would otherwise be trusted as if they came through TLS).
+
+A server can answer one option with many replies (INFO, SERVER, META_CONTEXT).  What the
+negotiator keeps from them is bounded whatever the server sends: information replies
+overwrite each other and at most :data:`~.constants.MAX_INFO_REPLIES` are taken, list
+answers stop at :data:`~.constants.MAX_LIST_ENTRIES` entries or
+:data:`~.constants.MAX_LIST_BYTES` bytes, and SET_META_CONTEXT accepts only the contexts
+that were asked for, each once (a set lookup, not a scan).  Past a cap the handshake is a
+ProtocolError naming it.  The caller's loop must still give other tasks a turn while
+a fast server keeps it busy (the driver checkpoints once per read).
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ from typing import Any, Callable, Sequence
 from .constants import (
     BASE_ALLOCATION,
     MAX_BLOCK_SIZE_MINIMUM,
+    MAX_INFO_REPLIES,
+    MAX_LIST_BYTES,
+    MAX_LIST_ENTRIES,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -211,6 +223,7 @@ class ClientNegotiator:
         self.want_structured = structured or extended
         self.want_extended = extended
         self.meta_contexts = tuple(dict.fromkeys(meta_contexts))
+        self._asked = frozenset(self.meta_contexts)
         self.allow_export_name_fallback = allow_export_name_fallback
 
         self.phase = Phase.GREETING
@@ -223,9 +236,12 @@ class ClientNegotiator:
         self._tried: set[Option] = set()
         self._option: Option | None = None
         self._infos = _Infos()
-        self._selected: dict[str, int] = {}
+        self._selected: dict[str, int] = {}  # SET_META_CONTEXT: name -> id
+        self._selected_ids: set[int] = set()
         self._entries: list[ExportEntry] = []
-        self._context_names: list[str] = []
+        self._context_names: dict[str, None] = {}  # LIST_META_CONTEXT, in order, once each
+        self._replies = 0  # non-final replies to the pending option
+        self._reply_bytes = 0
         self._inbox = bytearray()
         self._outbox = bytearray()
         self._handlers: dict[Phase, Callable[[], object]] = {
@@ -335,6 +351,8 @@ class ClientNegotiator:
         self._option = option
         self._infos = _Infos()
         self._selected = {}
+        self._selected_ids = set()
+        self._replies = self._reply_bytes = 0
         if option in (Option.GO, Option.INFO):
             data = encode_info_request(self.export, _GO_INFOS)
         elif option == Option.SET_META_CONTEXT:
@@ -377,20 +395,40 @@ class ClientNegotiator:
         return None
 
     def _on_partial(self, option: Option, reply_type: int, data: bytes) -> None:
-        """A reply that is not the last one for ``option`` (INFO, SERVER, META_CONTEXT)."""
+        """A reply that is not the last one for ``option`` (INFO, SERVER, META_CONTEXT).
+
+        Whatever a server sends, what is kept stays small: INFO replies overwrite each
+        other and are counted (:data:`MAX_INFO_REPLIES`), list entries are capped in
+        number and bytes (:data:`MAX_LIST_ENTRIES`, :data:`MAX_LIST_BYTES`), and only the
+        contexts asked for are accepted, each once.
+        """
+        self._replies += 1
+        self._reply_bytes += OPTION_REPLY_HEADER_SIZE + len(data)
         if reply_type == OptionReply.INFO:
+            if self._replies > MAX_INFO_REPLIES:
+                raise ProtocolError(f"server sent more than {MAX_INFO_REPLIES} information "
+                                    f"replies to NBD_OPT_{option.name} (MAX_INFO_REPLIES)")
             self._infos.record(*decode_info(data))
-        elif reply_type == OptionReply.SERVER:
+            return
+        if self._replies > MAX_LIST_ENTRIES or self._reply_bytes > MAX_LIST_BYTES:
+            raise ProtocolError(f"server's answer to NBD_OPT_{option.name} is longer than "
+                                f"{MAX_LIST_ENTRIES} entries or {MAX_LIST_BYTES} bytes "
+                                "(MAX_LIST_ENTRIES, MAX_LIST_BYTES)")
+        if reply_type == OptionReply.SERVER:
             name, description = decode_rep_server(data)
             self._entries.append(ExportEntry(name, description))
         elif reply_type == OptionReply.META_CONTEXT:
             context_id, name = decode_rep_meta_context(data)
             if option == Option.LIST_META_CONTEXT:
-                self._context_names.append(name)
+                self._context_names[name] = None
                 return
-            if name in self._selected or context_id in self._selected.values():
+            if name not in self._asked:
+                raise ProtocolError(f"server selected meta context {name!r}, which was not "
+                                    f"asked for (asked: {', '.join(self.meta_contexts)})")
+            if name in self._selected or context_id in self._selected_ids:
                 raise ProtocolError(f"meta context {name!r} (id {context_id}) selected twice")
             self._selected[name] = context_id
+            self._selected_ids.add(context_id)
 
     def _on_ack(self, option: Option) -> object:
         if option == Option.STARTTLS:

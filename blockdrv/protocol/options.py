@@ -28,7 +28,7 @@ from .constants import (
     OPTION_REPLY_MAGIC,
     Info,
 )
-from .errors import ProtocolError
+from .errors import InvalidArgumentError, ProtocolError
 
 _GREETING = struct.Struct(">QQH")
 _U16 = struct.Struct(">H")
@@ -56,9 +56,9 @@ def encode_string(text: str, what: str = "string") -> bytes:
     """UTF-8 bytes of a protocol string; ValueError if it breaks the spec's limits."""
     data = text.encode("utf-8")
     if len(data) > MAX_STRING:
-        raise ValueError(f"{what} is {len(data)} bytes, over the limit of {MAX_STRING}")
+        raise InvalidArgumentError(f"{what} is {len(data)} bytes, over the limit of {MAX_STRING}")
     if b"\0" in data:
-        raise ValueError(f"{what} contains a NUL character")
+        raise InvalidArgumentError(f"{what} contains a NUL character")
     return data
 
 

@@ -23,19 +23,33 @@ reply is complete (a successful READ covered every byte, a successful BLOCK_STAT
 answered every context) and returns the request's error, if any.  Any violation raises
 :class:`~blockdrv.protocol.errors.ProtocolError`: the stream is no longer trustworthy.
 
-:class:`ReplyReader` runs those rules over a byte stream, h11 style: ``expect()`` the
-requests you sent, ``receive_data()`` what you read, pull events with ``next_event()``.
-It never buffers more than one small payload; READ data leaves as it arrives.
+Per-reply bookkeeping is bounded whatever the chunk order: covered ranges that touch
+are joined (so in-order or reverse-order chunks cost one range), at most
+:data:`~.constants.MAX_REPLY_FRAGMENTS` separate ranges are kept, and a reply may have
+at most :data:`~.constants.MAX_REPLY_CHUNKS` chunks plus one per
+:data:`~.constants.REPLY_BYTES_PER_CHUNK` bytes asked for.
+
+:class:`ReplyCursor` adds *where the reader is* to those rules: after ``begin(header)``
+its ``step`` says what to read next (an offset, READ data into the request's buffer, a
+whole small payload, or nothing), and the reader reports each read back.  It is the one
+reply parser: the driver drives it with its peeks and ``recv_into`` calls (resumable
+after a cancellation, because ``step``/``at``/``left`` live in the cursor), and
+:class:`ReplyReader` drives it over a byte buffer, h11 style: ``expect()`` the requests
+you sent, ``receive_data()`` what you read, pull events with ``next_event()``.  The
+hypothesis fuzzers run against ReplyReader, so they test the driver's parser.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Callable
 
 from .constants import (
     MAX_BLOCK_STATUS_CHUNK,
+    MAX_REPLY_CHUNKS,
+    MAX_REPLY_FRAGMENTS,
     MAX_SMALL_CHUNK,
+    REPLY_BYTES_PER_CHUNK,
+    SIMPLE_REPLY_MAGIC,
     ChunkType,
     Command,
     CommandFlag,
@@ -168,20 +182,48 @@ class ReplyState:
             self.done = True
 
     def _place(self, offset: int, size: int, what: str) -> int:
+        """Record a content chunk's range; returns its position in the request buffer.
+
+        ``_ranges`` holds the covered ranges, sorted, disjoint and never adjacent: a
+        chunk that touches a neighbour joins it.  So chunks in order (or in reverse)
+        keep a single range whatever their number, and a reply cut into scattered
+        pieces is refused past :data:`MAX_REPLY_FRAGMENTS` ranges: memory stays small
+        and an insertion costs at most that many moves.
+        """
         start, end = offset, offset + size
         if start < self.offset or end > self.offset + self.length:
             raise self._violation(f"{what} {offset}+{size} outside the request")
         ranges = self._ranges
         if not ranges:  # the first (usually the only) chunk
             ranges.append((start, end))
-            self.covered += size
-            return start - self.offset
-        i = bisect_right(ranges, (start, end))
-        if (i and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
-            raise self._violation(f"{what} {offset}+{size} overlaps an earlier chunk")
-        ranges.insert(i, (start, end))
+        elif start >= ranges[-1][1]:  # after everything so far: chunks in order
+            if start == ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                self._add_range(len(ranges), start, end)
+        else:
+            i = bisect_right(ranges, (start, end))
+            if (i and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
+                raise self._violation(f"{what} {offset}+{size} overlaps an earlier chunk")
+            joins_left = i > 0 and ranges[i - 1][1] == start
+            joins_right = i < len(ranges) and ranges[i][0] == end
+            if joins_left and joins_right:
+                ranges[i - 1] = (ranges[i - 1][0], ranges.pop(i)[1])
+            elif joins_left:
+                ranges[i - 1] = (ranges[i - 1][0], end)
+            elif joins_right:
+                ranges[i] = (start, ranges[i][1])
+            else:
+                self._add_range(i, start, end)
         self.covered += size
         return start - self.offset
+
+    def _add_range(self, index: int, start: int, end: int) -> None:
+        if len(self._ranges) >= MAX_REPLY_FRAGMENTS:
+            raise self._violation(f"content chunks scattered over more than "
+                                  f"{MAX_REPLY_FRAGMENTS} separate ranges "
+                                  "(MAX_REPLY_FRAGMENTS)")
+        self._ranges.insert(index, (start, end))
 
     def data(self, offset: int, size: int) -> int:
         """An OFFSET_DATA chunk's range; returns its position in the request buffer."""
@@ -260,43 +302,124 @@ class ReplyState:
         return self.error
 
 
+# What a ReplyCursor needs read next (plain ints: compared on every chunk).
+CHUNK_DONE = 0
+"""Nothing: the chunk is consumed (read the next header unless the reply is ``done``)."""
+READ_OFFSET = 1
+"""The 8-byte offset that opens an OFFSET_DATA payload: pass it to ``data_offset()``."""
+READ_DATA = 2
+"""``left`` bytes of READ data, landing at ``at`` in the request's buffer:
+report each read with ``data_read(n)``."""
+READ_PAYLOAD = 3
+"""The whole ``left``-byte payload of a hole, block status or error chunk: pass it to
+``payload()``."""
+
+
+class ReplyCursor(ReplyState):
+    """Where a reader is in one request's reply: the one reply parser.
+
+    Resumable and sans-IO: the reader (the driver's request task, or
+    :class:`ReplyReader`) reads the next reply header itself, hands it to ``begin()``,
+    and then reads what :attr:`step` asks for, reporting it back; ``step``, ``at`` and
+    ``left`` always say what comes next, so a reader interrupted between two reads
+    picks up exactly there.  Every chunk is checked by the :class:`ReplyState` rules
+    before anything is read for it, and a reply longer than :data:`MAX_REPLY_CHUNKS`
+    plus one chunk per :data:`REPLY_BYTES_PER_CHUNK` bytes asked for is refused.
+    :attr:`chunks` counts the chunks so far (readers checkpoint every few of them).
+    """
+
+    __slots__ = ("step", "at", "left", "header", "chunks", "max_chunks")
+
+    def __init__(self, command: int, offset: int, length: int, flags: int = 0, *,
+                 structured: bool = False, extended: bool = False,
+                 context_ids: frozenset[int] | set[int] = frozenset()) -> None:
+        super().__init__(command, offset, length, flags, structured=structured,
+                         extended=extended, context_ids=context_ids)
+        self.step = CHUNK_DONE
+        self.at = 0  # READ_DATA: where the next byte goes in the request's buffer
+        self.left = 0  # READ_DATA / READ_PAYLOAD: bytes still to read
+        self.header: ReplyHeader | None = None  # the chunk being consumed
+        self.chunks = 0
+        self.max_chunks = MAX_REPLY_CHUNKS + length // REPLY_BYTES_PER_CHUNK
+
+    @property
+    def finished(self) -> bool:
+        """The whole reply has been read (``finish()`` tells how it ended)."""
+        return self.done and self.step == CHUNK_DONE
+
+    def begin(self, header: ReplyHeader) -> int:
+        """Start on a header of this reply (a simple reply or a chunk); returns
+        :attr:`step`.  ProtocolError if the header breaks a rule."""
+        self.chunks += 1
+        if self.chunks > self.max_chunks:
+            raise self._violation(f"more than {self.max_chunks} chunks (MAX_REPLY_CHUNKS "
+                                  f"+ one per {REPLY_BYTES_PER_CHUNK} bytes asked for)")
+        self.header = header
+        if header.magic == SIMPLE_REPLY_MAGIC:
+            if self.simple(header.error):  # READ data follows
+                self.at, self.left, self.step = 0, self.length, READ_DATA
+            else:
+                self.step = CHUNK_DONE
+            return self.step
+        self.chunk(header)
+        type_ = header.type
+        if type_ == _T_OFFSET_DATA:
+            self.step = READ_OFFSET
+        elif type_ == _T_NONE:
+            self.step = CHUNK_DONE
+        else:
+            self.left, self.step = header.length, READ_PAYLOAD
+        return self.step
+
+    def data_offset(self, offset: int) -> None:
+        """The offset of the OFFSET_DATA chunk begun: its data comes next (READ_DATA)."""
+        assert self.step == READ_OFFSET and self.header is not None
+        size = self.header.length - 8
+        self.at, self.left, self.step = self.data(offset, size), size, READ_DATA
+
+    def data_read(self, n: int) -> None:
+        """``n`` more bytes of READ data arrived (at ``at``)."""
+        self.at += n
+        self.left -= n
+        if not self.left:
+            self.step = CHUNK_DONE
+
+    def payload(self, data: bytes | bytearray) -> ReadHole | BlockStatus | None:
+        """The payload of the chunk begun (READ_PAYLOAD): checked, and its event
+        (a hole, a context's extents, or None for an error chunk)."""
+        assert self.step == READ_PAYLOAD and self.header is not None
+        event = self.chunk_payload(self.header, data)
+        self.left, self.step = 0, CHUNK_DONE
+        return event
+
+
 Event = ReadData | ReadHole | BlockStatus | ReplyDone
 
 
 class ReplyReader:
-    """Byte-fed reader of the transmission-phase replies (client side).
+    """Byte-fed reader of the transmission-phase replies (client side), h11 style.
 
-    ``expect(cookie, state)`` registers each request as it is sent; ``receive_data()``
-    takes bytes from the server; ``next_event()`` returns :data:`NEED_DATA` or one of
-    :class:`ReadData`, :class:`ReadHole`, :class:`BlockStatus`, :class:`ReplyDone`.
-    After a :class:`ProtocolError` the reader is dead and raises it again.
+    A thin loop around :class:`ReplyCursor`: ``expect(cookie, cursor)`` registers each
+    request as it is sent; ``receive_data()`` takes bytes from the server;
+    ``next_event()`` returns :data:`NEED_DATA` or one of :class:`ReadData`,
+    :class:`ReadHole`, :class:`BlockStatus`, :class:`ReplyDone`.  It buffers at most one
+    header or one small payload; READ data leaves as it arrives.  After a
+    :class:`ProtocolError` the reader is dead and raises it again.
     """
 
     def __init__(self, *, structured: bool = False, extended: bool = False) -> None:
         self.structured = structured
         self.extended = extended
-        self.in_flight: dict[int, ReplyState] = {}
+        self.in_flight: dict[int, ReplyCursor] = {}
         self._buffer = bytearray()
-        self._header: ReplyHeader | None = None
-        self._state: ReplyState | None = None
-        self._data_at = 0  # next export offset of streamed READ data
-        self._data_left = 0  # READ data bytes still to stream for the current message
+        self._cursor: ReplyCursor | None = None  # the reply whose chunk is being read
         self._dead: ProtocolError | None = None
-        # What to do next, by phase; each returns an event or NEED_DATA.
-        self._phases: dict[str, Callable[[], Event | _NeedData]] = {
-            "header": self._read_header,
-            "payload": self._read_payload,
-            "data-offset": self._read_data_offset,
-            "data": self._stream_data,
-            "finish": self._finish,
-        }
-        self._phase = "header"
 
-    def expect(self, cookie: int, state: ReplyState) -> None:
+    def expect(self, cookie: int, cursor: ReplyCursor) -> None:
         """Register a request that was sent and awaits its reply."""
         if cookie in self.in_flight:
             raise ValueError(f"cookie {cookie} is already in flight")
-        self.in_flight[cookie] = state
+        self.in_flight[cookie] = cursor
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection."""
@@ -312,7 +435,7 @@ class ReplyReader:
         if self._dead is not None:
             raise self._dead
         try:
-            return self._phases[self._phase]()
+            return self._next_event()
         except ProtocolError as exc:
             self._dead = exc
             raise
@@ -322,78 +445,44 @@ class ReplyReader:
         del self._buffer[:n]
         return data
 
-    def _read_header(self) -> Event | _NeedData:
-        if len(self._buffer) < 4:  # the magic alone tells the size, or a violation
-            return NEED_DATA
-        size = reply_header_size(self._buffer, structured=self.structured,
-                                 extended=self.extended)
-        if len(self._buffer) < size:
-            return NEED_DATA
-        header = decode_reply_header(self._take(size))
-        state = self.in_flight.get(header.cookie)
-        if state is None:
-            raise ProtocolError(f"reply for unknown cookie {header.cookie}")
-        self._header, self._state = header, state
-        if header.simple:
-            if state.simple(header.error):
-                self._data_at, self._data_left = state.offset, state.length
-                self._phase = "data"
-                return self._stream_data()
-            return self._finish()
-        state.chunk(header)
-        self._phase = "data-offset" if header.type == ChunkType.OFFSET_DATA else "payload"
-        return self._phases[self._phase]()
-
-    def _read_payload(self) -> Event | _NeedData:
-        header, state = self._header, self._state
-        assert header is not None and state is not None
-        if len(self._buffer) < header.length:
-            return NEED_DATA
-        return self._after_chunk(state.chunk_payload(header, self._take(header.length)))
-
-    def _read_data_offset(self) -> Event | _NeedData:
-        header, state = self._header, self._state
-        assert header is not None and state is not None
-        if len(self._buffer) < 8:
-            return NEED_DATA
-        offset = decode_offset(self._take(8))
-        size = header.length - 8
-        state.data(offset, size)
-        self._data_at, self._data_left = offset, size
-        self._phase = "data"
-        return self._stream_data()
-
-    def _stream_data(self) -> Event | _NeedData:
-        header = self._header
-        assert header is not None
-        if self._data_left == 0:
-            return self._after_chunk(None)
-        n = min(len(self._buffer), self._data_left)
-        if n == 0:
-            return NEED_DATA
-        event = ReadData(header.cookie, self._data_at, self._take(n))
-        self._data_at += n
-        self._data_left -= n
-        return event
-
-    def _after_chunk(self, event: Event | None) -> Event | _NeedData:
-        state = self._state
-        assert state is not None
-        if state.done:
-            if event is not None:
-                self._phase = "finish"
-                return event
-            return self._finish()
-        self._phase = "header"
-        self._header = self._state = None
-        if event is not None:
-            return event
-        return self._read_header()
-
-    def _finish(self) -> Event:
-        header, state = self._header, self._state
-        assert header is not None and state is not None
-        del self.in_flight[header.cookie]
-        self._header = self._state = None
-        self._phase = "header"
-        return ReplyDone(header.cookie, state.finish())
+    def _next_event(self) -> Event | _NeedData:
+        buffer = self._buffer
+        while True:
+            cursor = self._cursor
+            if cursor is None:  # a header comes next
+                if len(buffer) < 4:  # the magic alone tells the size, or a violation
+                    return NEED_DATA
+                size = reply_header_size(buffer, structured=self.structured,
+                                         extended=self.extended)
+                if len(buffer) < size:
+                    return NEED_DATA
+                header = decode_reply_header(self._take(size))
+                cursor = self.in_flight.get(header.cookie)
+                if cursor is None:
+                    raise ProtocolError(f"reply for unknown cookie {header.cookie}")
+                cursor.begin(header)
+                self._cursor = cursor
+            assert cursor.header is not None
+            cookie, step = cursor.header.cookie, cursor.step
+            if step == READ_OFFSET:
+                if len(buffer) < 8:
+                    return NEED_DATA
+                cursor.data_offset(decode_offset(self._take(8)))
+            elif step == READ_DATA:
+                n = min(len(buffer), cursor.left)
+                if n == 0:
+                    return NEED_DATA
+                at = cursor.offset + cursor.at
+                cursor.data_read(n)
+                return ReadData(cookie, at, self._take(n))
+            elif step == READ_PAYLOAD:
+                if len(buffer) < cursor.left:
+                    return NEED_DATA
+                event = cursor.payload(self._take(cursor.left))
+                if event is not None:
+                    return event
+            else:  # CHUNK_DONE
+                self._cursor = None
+                if cursor.done:
+                    del self.in_flight[cookie]
+                    return ReplyDone(cookie, cursor.finish())

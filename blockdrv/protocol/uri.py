@@ -6,7 +6,8 @@ and ``nbds``.  The export name is the percent-decoded path without its leading `
 Query parameters: ``socket`` (Unix schemes, required), ``tls-hostname``,
 ``tls-verify-peer`` (0 or 1), ``tls-type`` (only ``x509``), ``tls-certificates`` (a
 directory of PEM files, as nbdkit and libnbd name it), and any ``x-`` experimental
-parameter (ignored).  Anything else is a ValueError that names the problem.
+parameter (ignored).  Anything else is an InvalidArgumentError (a ValueError) that names
+the problem.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .constants import MAX_STRING, NBD_DEFAULT_PORT
+from .errors import InvalidArgumentError
 
 _SCHEMES = {
     "nbd": ("tcp", False),
@@ -78,81 +80,82 @@ def is_nbd_uri(text: str) -> bool:
 
 
 def parse_uri(text: str) -> NBDAddress:
-    """Parse an NBD URI; ValueError with a message naming the problem if it is bad."""
+    """Parse an NBD URI; InvalidArgumentError naming the problem if it is bad."""
     if not isinstance(text, str):
-        raise ValueError(f"NBD URI must be a string, not {type(text).__name__}")
+        raise InvalidArgumentError(f"NBD URI must be a string, not {type(text).__name__}")
     if not text:
-        raise ValueError("empty NBD URI")
+        raise InvalidArgumentError("empty NBD URI")
     if "://" not in text:
-        raise ValueError(f"not an NBD URI (expected e.g. nbd://host/export): {text!r}")
+        raise InvalidArgumentError(f"not an NBD URI (expected e.g. nbd://host/export): {text!r}")
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"unsupported URI scheme {parts.scheme!r} in {text!r} "
+        raise InvalidArgumentError(f"unsupported URI scheme {parts.scheme!r} in {text!r} "
                          f"(use one of: {', '.join(sorted(_SCHEMES))})")
     transport, tls = _SCHEMES[scheme]
     if parts.fragment:
-        raise ValueError(f"NBD URI must not have a fragment: {text!r}")
+        raise InvalidArgumentError(f"NBD URI must not have a fragment: {text!r}")
 
     path = parts.path
     if path and not path.startswith("/"):
-        raise ValueError(f"bad export path {path!r} in {text!r}")
+        raise InvalidArgumentError(f"bad export path {path!r} in {text!r}")
     export = unquote(path[1:], errors="strict") if path else ""
     if "\0" in export:
-        raise ValueError("export name contains a NUL character")
+        raise InvalidArgumentError("export name contains a NUL character")
     if len(export.encode("utf-8")) > MAX_STRING:
-        raise ValueError(f"export name is longer than {MAX_STRING} bytes")
+        raise InvalidArgumentError(f"export name is longer than {MAX_STRING} bytes")
 
     params: dict[str, str] = {}
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
-        raise ValueError(f"malformed query string {parts.query!r} in {text!r}") from None
+        raise InvalidArgumentError(f"malformed query string {parts.query!r} in {text!r}") from None
     for key, value in pairs:
         if key.startswith("x-"):
             continue
         if key not in _KNOWN_PARAMS:
-            raise ValueError(f"unknown NBD URI query parameter {key!r} in {text!r}")
+            raise InvalidArgumentError(f"unknown NBD URI query parameter {key!r} in {text!r}")
         if key in params:
-            raise ValueError(f"query parameter {key!r} given twice in {text!r}")
+            raise InvalidArgumentError(f"query parameter {key!r} given twice in {text!r}")
         params[key] = value
 
     verify = params.get("tls-verify-peer", "1")
     if verify not in ("0", "1"):
-        raise ValueError(f"tls-verify-peer must be 0 or 1, not {verify!r}")
+        raise InvalidArgumentError(f"tls-verify-peer must be 0 or 1, not {verify!r}")
     tls_type = params.get("tls-type", "x509")
     if tls_type != "x509":
-        raise ValueError(f"tls-type {tls_type!r} is not supported (only x509)")
+        raise InvalidArgumentError(f"tls-type {tls_type!r} is not supported (only x509)")
     common = dict(export=export, tls=tls, tls_hostname=params.get("tls-hostname") or None,
                   tls_verify_peer=verify == "1",
                   tls_certificates=params.get("tls-certificates") or None)
 
     if transport == "unix":
         if parts.netloc:
-            raise ValueError(f"{scheme} URI must not name a host ({parts.netloc!r}); "
+            raise InvalidArgumentError(f"{scheme} URI must not name a host ({parts.netloc!r}); "
                              f"write {scheme}:///export?socket=PATH")
         sock = params.get("socket")
         if not sock:
-            raise ValueError(f"{scheme} URI needs a socket=PATH query parameter: {text!r}")
+            raise InvalidArgumentError(
+                f"{scheme} URI needs a socket=PATH query parameter: {text!r}")
         return NBDAddress(transport="unix", socket=sock, **common)  # type: ignore[arg-type]
 
     if "socket" in params:
-        raise ValueError(f"the socket parameter is only for nbd+unix URIs: {text!r}")
+        raise InvalidArgumentError(f"the socket parameter is only for nbd+unix URIs: {text!r}")
     if "@" in parts.netloc:
-        raise ValueError(f"user information in NBD URIs is not supported: {text!r}")
+        raise InvalidArgumentError(f"user information in NBD URIs is not supported: {text!r}")
     try:
         host = parts.hostname
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"bad port in {text!r}: {exc}") from None
+        raise InvalidArgumentError(f"bad port in {text!r}: {exc}") from None
     if not host:
-        raise ValueError(f"{scheme} URI needs a host: {text!r}")
+        raise InvalidArgumentError(f"{scheme} URI needs a host: {text!r}")
     if parts.netloc.startswith("["):
         try:
             ipaddress.IPv6Address(host.split("%")[0])
         except ValueError:
-            raise ValueError(f"bad IPv6 address {host!r} in {text!r}") from None
+            raise InvalidArgumentError(f"bad IPv6 address {host!r} in {text!r}") from None
     if port == 0:
-        raise ValueError(f"port 0 is not valid in {text!r}")
+        raise InvalidArgumentError(f"port 0 is not valid in {text!r}")
     return NBDAddress(transport="tcp", host=host, port=port or NBD_DEFAULT_PORT,
                       **common)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from .constants import (
     ChunkType,
     ReplyFlag,
 )
-from .errors import ProtocolError
+from .errors import InvalidArgumentError, ProtocolError
 
 _REQUEST = struct.Struct(">IHHQQI")
 _EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
@@ -86,7 +86,7 @@ def encode_request(command: int, flags: int, cookie: int, offset: int, length: i
         return _EXTENDED_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, command, cookie,
                                       offset, length)
     if length > U32_MAX:
-        raise ValueError(f"length {length} does not fit a compact request header")
+        raise InvalidArgumentError(f"length {length} does not fit a compact request header")
     return _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 

@@ -179,10 +179,10 @@ async def test_filter_insertion_during_an_outage(kind, tmp_path):
                     await dev.wait_state(State.CONNECTING_WAIT)
                     await dev.in_flight.wait_value(4)
                     nursery.start_soon(insert_filter, dev, trace)
-                    await dev._drains.wait_value(1)  # the insertion waits in its drain
+                    await dev.wait_draining()  # the insertion waits in its drain
                     server.start()
                 assert results == [b"f" * 4096] * 4  # the old path, after the restart
-                assert dev._proxies == [trace] and len(trace.records) == 0
+                assert dev.filters == (trace,) and len(trace.records) == 0
                 await dev.pread(4096, 0)
                 assert len(trace.records) == 1  # the new path
 
@@ -236,7 +236,7 @@ async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
                             drained.set()
 
                     nursery.start_soon(drain)
-                    await dev._drains.wait_value(1)
+                    await dev.wait_draining()
                     start = trio.current_time()
                     dev.cancel_in_flight()
                     await drained.wait()

@@ -28,9 +28,9 @@ from blockdrv.protocol import (
     Goal,
     ReadData,
     ReadHole,
+    ReplyCursor,
     ReplyDone,
     ReplyReader,
-    ReplyState,
     StartTLS,
     TLSMode,
 )
@@ -88,9 +88,9 @@ class ClientCore:
             check_request(self.info, command, offset, length, flags)
         cookie = self._next_cookie
         self._next_cookie += 1
-        state = ReplyState(command, offset, length, flags, structured=self.info.structured,
-                           extended=self.info.extended,
-                           context_ids=frozenset(self.info.contexts.values()))
+        state = ReplyCursor(command, offset, length, flags, structured=self.info.structured,
+                            extended=self.info.extended,
+                            context_ids=frozenset(self.info.contexts.values()))
         self.reader.expect(cookie, state)
         yield ("send", encode_request(command, flags, cookie, offset, length,
                                       extended=self.info.extended) + payload)

@@ -40,6 +40,18 @@ class InProcessServer:
         if not self.up:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
         client, server_side = trio.testing.memory_stream_pair()
+        return self._serve(client, server_side)
+
+    async def connect_socket(self) -> trio.abc.Stream:
+        """A stream factory over a real socket pair: the client's raw-socket paths
+        (reads and sends that do not wait while the kernel has data or room) run."""
+        await trio.lowlevel.checkpoint()
+        if not self.up:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        a, b = trio.socket.socketpair()
+        return self._serve(trio.SocketStream(a), trio.SocketStream(b))
+
+    def _serve(self, client: trio.abc.Stream, server_side: trio.abc.Stream) -> trio.abc.Stream:
         self.nursery.start_soon(self.server.handle_stream, server_side)
         self.connections += 1
         self.accepted.set()
@@ -85,11 +97,15 @@ async def serving(exports: Export | Sequence[Export],
 async def open_in_process(export: Export | None = None, *,
                           server_options: dict[str, object] | None = None,
                           wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
+                          sockets: bool = False,
                           **options: Any) -> AsyncIterator[tuple[Any, InProcessServer]]:
     """A server on ``export`` (default: 8 MiB in memory) and a device open on it, with
-    open_nbd ``options``; yields (device, server).  ``wrap``: see wrapped_connect()."""
+    open_nbd ``options``; yields (device, server).  ``wrap``: see wrapped_connect();
+    ``sockets``: real socket pairs instead of memory streams (see connect_socket())."""
     async with serving(export or Export("", MemoryBackend(8 * MiB)),
                        **(server_options or {})) as srv:
-        connect = srv.connect if wrap is None else srv.wrapped_connect(wrap)
+        connect = srv.connect_socket if sockets else srv.connect
+        if wrap is not None:
+            connect = srv.wrapped_connect(wrap)
         async with open_nbd(URI, stream_factory=connect, **options) as dev:
             yield dev, srv

@@ -1,0 +1,79 @@
+"""FIFO admission of requests to a connection (qemu's ``free_sema``).
+
+Theory of operation
+-------------------
+A request may be sent only once the device admits it.  The device states the rule as
+``may_admit(admitted)``: while connected, fewer than ``max_in_flight`` are admitted;
+while not, none is (the one admitted then performs the reconnect attempt); once the
+device is dead, everyone is (to fail at once).
+
+Admission is first come, first served, as qemu's CoQueue is.  A request that arrives
+while others wait parks at the back of the queue (a trio ParkingLot, which wakes the
+oldest first) even when there happens to be room: the fast path applies only when
+nobody waits.  Room is *handed over*, not announced: whenever it appears (a request
+leaves, the state changes) :meth:`Admission.grant` counts the oldest waiters as
+admitted and then wakes them, so a woken waiter never finds its place taken by a
+newcomer and never goes to the back again.  That is what keeps the spread between
+callers small when they outnumber ``max_in_flight``.
+
+A waiter that is cancelled while parked leaves the queue (the lot forgets it).  One that
+was granted cannot be cancelled out of the park any more (trio delivers the wake-up
+first); it is admitted like any other and gives its place back, like every admitted
+request, through :meth:`Admission.leave`, which hands it to the next waiter.  Every exit
+path of an admitted request must call ``leave()`` exactly once: qemu once lost a wake-up
+here and hung under load.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import trio
+
+
+class Admission:
+    """The admitted count of one device and the queue of requests waiting for room."""
+
+    __slots__ = ("admitted", "_queue", "_may_admit")
+
+    def __init__(self, may_admit: Callable[[int], bool]) -> None:
+        self.admitted = 0  # qemu's s->in_flight: admitted attempts
+        self._queue = trio.lowlevel.ParkingLot()
+        self._may_admit = may_admit  # given the admitted count: may one more enter?
+
+    def __repr__(self) -> str:
+        return f"<Admission admitted={self.admitted} waiting={len(self._queue)}>"
+
+    @property
+    def waiting(self) -> int:
+        """Requests parked in the queue."""
+        return len(self._queue)
+
+    def try_enter(self) -> bool:
+        """Enter at once if nobody waits and the rule allows it (no checkpoint)."""
+        if len(self._queue) or not self._may_admit(self.admitted):
+            return False
+        self.admitted += 1
+        return True
+
+    async def enter(self) -> bool:
+        """Be admitted, in arrival order; True if this had to wait (it yielded)."""
+        if self.try_enter():
+            return False
+        await self._queue.park()  # woken only by grant(), which counted us in
+        return True
+
+    def leave(self) -> None:
+        """An admitted request is done with its attempt: its room goes to the oldest
+        waiter."""
+        self.admitted -= 1
+        if len(self._queue):
+            self.grant()
+
+    def grant(self) -> None:
+        """Admit the oldest waiters while the rule allows (call after any change that
+        may make room: a request leaving, a state change)."""
+        queue = self._queue
+        while len(queue) and self._may_admit(self.admitted):
+            self.admitted += 1
+            queue.unpark()

@@ -1,0 +1,231 @@
+"""open_nbd: check the caller's arguments, open one device or a multi-conn one.
+
+Every argument is checked before anything is connected, and a bad one (wrong type or
+value) is an :class:`~blockdrv.InvalidArgumentError` naming the parameter, so a mistake
+never surfaces later as an AttributeError deep inside.  The device's background tasks
+live in a nursery owned by the context manager; no ExceptionGroup leaves it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from os import PathLike
+from typing import AsyncIterator, Sequence
+
+import trio
+
+from ..protocol.constants import BASE_ALLOCATION
+from ..protocol.errors import InvalidArgumentError
+from ..protocol.uri import NBDAddress, parse_uri
+from ..taskgroups import reraise_alone
+from ..tls import TLSMode, client_settings
+from .device import NBDDevice
+from .dispatch import MAX_SLOTS
+from .handshake import HandshakeOptions, StreamFactory
+from .multiconn import MultiConnDevice, open_multi
+
+Device = NBDDevice | MultiConnDevice
+"""What :func:`open_nbd` yields: one connection, or several (``connections`` > 1)."""
+
+
+def _number(name: str, value: object, *, minimum: float = 0.0, positive: bool = False,
+            integer: bool = False, maximum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise InvalidArgumentError(f"{name} must be {kind}, not {type(value).__name__}")
+    if value < minimum or (positive and value <= 0) or value != value:  # NaN too
+        bound = "positive" if positive else f"at least {minimum:g}"
+        raise InvalidArgumentError(f"{name} must be {bound}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgumentError(f"{name} must be at most {maximum:g}, not {value!r}")
+
+
+def _optional_text(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, (str, PathLike)):
+        raise InvalidArgumentError(f"{name} must be a string or None, "
+                                   f"not {type(value).__name__}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
+
+
+def check_options(*, reconnect_delay: object, open_timeout: object, max_in_flight: object,
+                  retry_initial: object, retry_max: object, meta_contexts: object,
+                  socket_buffer_size: object, guard_writes: object, structured: object,
+                  extended: object, connect_timeout: object, cancel_timeout: object,
+                  connections: object, tls: object, tls_context: object, tls_ca: object,
+                  tls_cert: object, tls_key: object, tls_hostname: object) -> None:
+    """InvalidArgumentError naming the first bad argument of :func:`open_nbd`."""
+    _number("reconnect_delay", reconnect_delay)
+    _number("open_timeout", open_timeout)
+    _number("max_in_flight", max_in_flight, minimum=1, integer=True, maximum=MAX_SLOTS)
+    _number("retry_initial", retry_initial, positive=True)
+    _number("retry_max", retry_max, positive=True)
+    if retry_max < retry_initial:  # type: ignore[operator]
+        raise InvalidArgumentError(f"retry_max ({retry_max}) must not be below "
+                                   f"retry_initial ({retry_initial})")
+    _number("connect_timeout", connect_timeout, positive=True)
+    _number("cancel_timeout", cancel_timeout, positive=True)
+    _number("connections", connections, minimum=1, integer=True)
+    if socket_buffer_size is not None:
+        _number("socket_buffer_size", socket_buffer_size, positive=True, integer=True)
+    if isinstance(meta_contexts, (str, bytes)) or not isinstance(meta_contexts, Sequence) \
+            or not all(isinstance(c, str) for c in meta_contexts):
+        raise InvalidArgumentError("meta_contexts must be a list of context names, "
+                                   f"not {meta_contexts!r}")
+    for name, value in (("guard_writes", guard_writes), ("structured", structured),
+                        ("extended", extended)):
+        _flag(name, value)
+    if tls is not None and not isinstance(tls, (TLSMode, str, bool)):
+        raise InvalidArgumentError(f"tls must be 'off', 'allow', 'require', a TLSMode or "
+                                   f"a bool, not {type(tls).__name__} (an SSLContext goes "
+                                   "in tls_context=)")
+    if tls_context is not None and not isinstance(tls_context, ssl.SSLContext):
+        raise InvalidArgumentError(f"tls_context must be an ssl.SSLContext, "
+                                   f"not {type(tls_context).__name__}")
+    for name, value in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
+                        ("tls_hostname", tls_hostname)):
+        _optional_text(name, value)
+
+
+def _address(target: object, export: object) -> NBDAddress:
+    if isinstance(target, NBDAddress):
+        address = target
+    elif isinstance(target, str):
+        address = parse_uri(target)
+    else:
+        raise InvalidArgumentError(f"target must be an NBD URI or an NBDAddress, "
+                                   f"not {type(target).__name__}")
+    if export is not None:
+        if not isinstance(export, str):
+            raise InvalidArgumentError(f"export must be a string, "
+                                       f"not {type(export).__name__}")
+        address = replace(address, export=export)
+    return address
+
+
+@asynccontextmanager
+async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
+                   reconnect_delay: float = 0.0, open_timeout: float = 0.0,
+                   max_in_flight: int = 16, retry_initial: float = 1.0,
+                   retry_max: float = 16.0, meta_contexts: Sequence[str] = (),
+                   socket_buffer_size: int | None = None, guard_writes: bool = False,
+                   structured: bool = True, extended: bool = True,
+                   connect_timeout: float = 30.0, cancel_timeout: float = 5.0,
+                   connections: int = 1, tls: TLSMode | str | bool | None = None,
+                   tls_context: ssl.SSLContext | None = None, tls_ca: str | None = None,
+                   tls_cert: str | None = None, tls_key: str | None = None,
+                   tls_hostname: str | None = None,
+                   stream_factory: StreamFactory | None = None,
+                   ) -> AsyncIterator[Device]:
+    """Open an NBD export as an :class:`NBDDevice` (async context manager).
+
+    ``target`` is an NBD URI (``nbd://host/export``, ``nbd+unix:///export?socket=PATH``)
+    or a :func:`~blockdrv.parse_uri` result; ``export`` overrides the URI's export name.
+    ``reconnect_delay``: how long requests wait for a reconnect after the connection is
+    lost (0: fail at once while the worker keeps reconnecting in the background).
+    ``open_timeout``: keep trying to connect for that long before giving up (0: one
+    attempt).  ``connect_timeout``: how long one connection attempt (connect and
+    handshake) may take.  ``meta_contexts``: contexts to negotiate besides
+    base:allocation (e.g. ``qemu:dirty-bitmap:NAME``).  ``cancel_timeout``: how long a
+    cancelled request may keep sending its request or reading its own reply before the
+    connection is declared broken.  ``max_in_flight``: requests on the wire at once
+    (more callers wait their turn, first come first served).  ``connections`` > 1: a
+    :class:`~blockdrv.nbd.multiconn.MultiConnDevice` spreading requests over that many
+    connections when the server advertises multi-conn (over one, saying why in its
+    ``connections_note``, when it does not); ``max_in_flight`` is per connection.
+
+    TLS (:mod:`blockdrv.tls`): ``tls`` is ``"off"``, ``"allow"`` (use it when the server
+    offers it) or ``"require"``; ``nbds://`` URIs mean require, and asking for less on
+    one is an error.  The server is verified against ``tls_ca`` (default: the system's
+    CAs, or the URI's ``tls-certificates`` directory) and ``tls_hostname`` (default: the
+    URI's host; ``localhost`` for Unix sockets); ``tls_cert``/``tls_key`` are a client
+    certificate; ``tls_context`` replaces all of these with your own SSLContext.  Every
+    reconnect redoes TLS.
+
+    ``stream_factory`` replaces the socket connection (tests use memory streams).
+
+    Raises:
+        InvalidArgumentError: a bad argument (named in the message).
+        ConnectError: no connection could be made within ``open_timeout``.
+        OptionError: the server refused the export or an option that was required.
+        ProtocolError: the server broke the protocol during the handshake.
+        TLSError: TLS was required and could not be set up.
+    """
+    check_options(reconnect_delay=reconnect_delay, open_timeout=open_timeout,
+                  max_in_flight=max_in_flight, retry_initial=retry_initial,
+                  retry_max=retry_max, meta_contexts=meta_contexts,
+                  socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
+                  structured=structured, extended=extended, connect_timeout=connect_timeout,
+                  cancel_timeout=cancel_timeout, connections=connections, tls=tls,
+                  tls_context=tls_context, tls_ca=tls_ca, tls_cert=tls_cert,
+                  tls_key=tls_key, tls_hostname=tls_hostname)
+    _outside_asyncio("blockdrv.open_nbd")
+    address = _address(target, export)
+    contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
+    tls_settings = client_settings(address, tls=tls, context=tls_context, ca=tls_ca,
+                                   cert=tls_cert, key=tls_key, hostname=tls_hostname)
+    options = HandshakeOptions(export=address.export, structured=structured,
+                               extended=extended, meta_contexts=contexts, tls=tls_settings)
+    single = functools.partial(
+        _open_one, address, options, open_timeout=open_timeout,
+        reconnect_delay=reconnect_delay, max_in_flight=max_in_flight,
+        retry_initial=retry_initial, retry_max=retry_max,
+        socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
+        stream_factory=stream_factory, connect_timeout=connect_timeout,
+        cancel_timeout=cancel_timeout)
+    if connections == 1:
+        async with single() as device:
+            yield device
+        return
+    async with open_multi(single, connections) as multi:
+        yield multi
+
+
+def _outside_asyncio(name: str) -> None:
+    """A one-line error when a trio API is called from asyncio instead of trio."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        import sniffio
+
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            library = "no event loop"
+        raise RuntimeError(f"{name} is for trio, but this runs under {library}: use "
+                           "blockdrv.aio.open_nbd from asyncio, blockdrv.sync.open_nbd "
+                           "from plain threads") from None
+
+
+@asynccontextmanager
+async def _open_one(address: NBDAddress, options: HandshakeOptions, *, open_timeout: float,
+                    reconnect_delay: float, max_in_flight: int, retry_initial: float,
+                    retry_max: float, socket_buffer_size: int | None, guard_writes: bool,
+                    stream_factory: StreamFactory | None, connect_timeout: float,
+                    cancel_timeout: float) -> AsyncIterator[NBDDevice]:
+    try:
+        async with trio.open_nursery() as nursery:
+            device = NBDDevice(address, options, nursery, reconnect_delay=reconnect_delay,
+                               max_in_flight=max_in_flight, retry_initial=retry_initial,
+                               retry_max=retry_max, socket_buffer_size=socket_buffer_size,
+                               guard_writes=guard_writes, stream_factory=stream_factory,
+                               connect_timeout=connect_timeout,
+                               cancel_timeout=cancel_timeout)
+            try:
+                await device._open(open_timeout)
+                yield device
+            finally:
+                await device.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The background tasks never raise, so the group holds the body's exception.
+        if len(group.exceptions) == 1:
+            reraise_alone(group)
+        raise
