@@ -1,8 +1,10 @@
 """The ``blockdrv`` command.
 
-Subcommands live here as thin click wrappers; the work is done by the library.  Errors
-the user can act on (a bad size, a file that cannot be opened, a refused connection) are
-printed as one line on stderr with a non-zero exit status, never as a traceback.
+Subcommands live here as thin click wrappers; the work is done by the library
+(``blockdrv.tools``).  Errors the user can act on (a bad size, a file that cannot be
+opened, a refused connection) are printed as one line on stderr with a non-zero exit
+status, never as a traceback.  SIGINT cancels what a command is doing (its connections
+are closed on the way out) and ends it with one line and exit status 130, as nbdcopy.
 """
 
 from __future__ import annotations
@@ -564,9 +566,10 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
     try:
         result = run(copy_run)
     except Interrupted:
-        done = tracker.done if tracker is not None else 0
-        raise Interrupted(f"{_copy_destination(destination)} is incomplete "
-                          f"({done} bytes copied)") from None
+        where = _copy_destination(destination)
+        if tracker is None:  # before the destination was opened
+            raise Interrupted(f"nothing was copied to {where}") from None
+        raise Interrupted(f"{where} is incomplete ({tracker.done} bytes copied)") from None
     if not quiet:
         click.echo(copy_summary(result), err=True)
 
