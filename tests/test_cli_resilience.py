@@ -154,11 +154,20 @@ def quick_start() -> str:
 def test_the_readme_quick_start_runs_as_written(tmp_path):
     """On a fresh machine: a network namespace of its own, so localhost:10809 is free
     whatever else runs here."""
-    script = "set -e\nip link set lo up\n" + quick_start()
+    # the scaffolding around the README's lines: loopback up, and no server left behind
+    script = ("set -e\nip link set lo up\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+              + quick_start())
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(["unshare", "--net", "bash", "-c", script], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "\texport-size: 1073741824 (1G)" in result.stdout
+    shell = subprocess.Popen(["unshare", "--net", "bash", "-c", script], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        out, err = shell.communicate(timeout=120)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    assert shell.returncode == 0, out + err
+    assert "\texport-size: 1073741824 (1G)" in out
     backup = tmp_path / "backup.img"
     assert backup.stat().st_size == 1 << 30 and backup.stat().st_blocks == 0

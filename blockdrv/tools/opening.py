@@ -99,7 +99,7 @@ async def open_device(target: str | NBDAddress, options: ClientOptions,
         try:
             device = await stack.enter_async_context(
                 open_nbd(address, **options.open_kwargs(), **kwargs))
-        except (NBDError, OSError) as exc:
+        except OSError as exc:  # NBDError included
             raise _opening_failed(exc, address, options) from exc
         yield device
 
