@@ -1,17 +1,19 @@
 """The ``blockdrv`` command.
 
-Subcommands live here as thin click wrappers; the work is done by the library.  Errors
-the user can act on (a bad size, a file that cannot be opened, a refused connection) are
-printed as one line on stderr with a non-zero exit status, never as a traceback.
+Subcommands live here as thin click wrappers; the work is done by the library
+(``blockdrv.tools``).  Errors the user can act on (a bad size, a file that cannot be
+opened, a refused connection) are printed as one line on stderr with a non-zero exit
+status, never as a traceback.  SIGINT cancels what a command is doing (its connections
+are closed on the way out) and ends it with one line and exit status 130, as nbdcopy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
+import signal
 import sys
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import click
 import trio
@@ -19,7 +21,11 @@ import trio
 from . import __version__
 from .units import parse_size
 
+if TYPE_CHECKING:
+    from .tools.opening import ClientOptions
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
@@ -44,8 +50,13 @@ def _one_line(exc: BaseException) -> str:
     return str(exc)
 
 
+class Interrupted(Exception):
+    """The command was interrupted (SIGINT); the message says what that left behind."""
+
+
 def one_line_errors(func: F) -> F:
-    """Turn OSError/ValueError from the library into a one-line click error."""
+    """Turn OSError/ValueError from the library into a one-line click error (exit 1),
+    and an interrupt into one line and exit status 130 (as nbdcopy)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,7 +64,73 @@ def one_line_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (OSError, ValueError) as exc:
             raise click.ClickException(_one_line(exc)) from None
+        except (Interrupted, KeyboardInterrupt) as exc:
+            detail = str(exc) if isinstance(exc, Interrupted) else ""
+            click.echo(f"Interrupted{': ' + detail if detail else ''}", err=True)
+            sys.exit(130)
 
+    return wrapper  # type: ignore[return-value]
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(fn)``, where SIGINT cancels ``fn`` (its cleanup runs) and raises
+    :class:`Interrupted`; a failure comes out as itself, never in an ExceptionGroup."""
+    from .taskgroups import first_failure
+
+    interrupted = False
+
+    async def on_interrupt(scope: trio.CancelScope, signals: AsyncIterator[int]) -> None:
+        nonlocal interrupted
+        async for _ in signals:
+            interrupted = True
+            scope.cancel()
+            return
+
+    async def guarded() -> T:
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(on_interrupt, nursery.cancel_scope, signals)
+                    result = await fn()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                if interrupted:
+                    raise Interrupted() from None
+                raise first_failure(group) from None
+        if interrupted:
+            raise Interrupted()
+        return result
+
+    return trio.run(guarded)
+
+
+def client_options(func: F) -> F:
+    """The options every client command takes, passed on as ``options``
+    (a :class:`~blockdrv.tools.opening.ClientOptions`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, reconnect_delay: float, open_timeout: float,
+                connect_timeout: float, **kwargs: Any) -> Any:
+        from .tools.opening import ClientOptions
+
+        options = ClientOptions(reconnect_delay=reconnect_delay, open_timeout=open_timeout,
+                                connect_timeout=connect_timeout)
+        return func(*args, options=options, **kwargs)
+
+    seconds = click.FloatRange(min=0)
+    for option in reversed([
+        click.option("--reconnect-delay", type=seconds, default=0.0, metavar="S",
+                     help="When the connection is lost, requests wait up to S seconds "
+                          "for a reconnect (and are sent again) instead of failing."),
+        click.option("--open-timeout", type=seconds, default=0.0, metavar="S",
+                     help="Keep trying to connect for up to S seconds (default: one "
+                          "attempt)."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=30.0, show_default=True, metavar="S",
+                     help="Give up on one connection attempt (connect and handshake) "
+                          "after S seconds."),
+    ]):
+        wrapper = option(wrapper)
     return wrapper  # type: ignore[return-value]
 
 
@@ -161,6 +238,7 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         server.close()
 
 
+
 @main.command()
 @click.argument("uri")
 @click.option("--pattern", type=click.Choice(["read", "write", "mixed"]), default="read",
@@ -178,10 +256,11 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
               help="Enter this many drained sections during the run and report how long "
                    "each took to quiesce the requests in flight.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@client_options
 @one_line_errors
 def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float,
           count: int | None, span: int | None, socket_buffer: int | None, drains: int,
-          as_json: bool) -> None:
+          as_json: bool, options: ClientOptions) -> None:
     """A quick fio-like run: IOPS, MiB/s and latency percentiles.
 
     Requests are sequential (wrapping at the end of the export or of --span).  The
@@ -190,18 +269,18 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
     import json
 
     from .benchmark import run_bench
-    from .nbd import open_nbd
+    from .tools.opening import open_device
 
-    async def run() -> dict[str, Any]:
-        async with open_nbd(uri, max_in_flight=max(depth, 16),
-                            socket_buffer_size=socket_buffer) as dev:
+    async def bench_run() -> dict[str, Any]:
+        async with open_device(uri, options, max_in_flight=max(depth, 16),
+                               socket_buffer_size=socket_buffer) as dev:
             result = await run_bench(dev, pattern=pattern, request_size=request_size,
                                      depth=depth, count=count,
                                      duration=None if count else duration, span=span,
                                      drains=drains)
         return result.summary()
 
-    summary = trio.run(run)
+    summary = run(bench_run)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -220,197 +299,299 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
         click.echo("  drained sections: none (the run ended before the queue refilled)")
 
 
-def _uri_for(address: Any, export: str) -> str:
-    from dataclasses import replace
-
-    return str(replace(address, export=export))
 
 
 @main.command()
 @click.argument("uri")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo's field names).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo's fields).")
+@click.option("--size", "size_only", is_flag=True,
+              help="Print only the export's size in bytes.")
+@click.option("--can", metavar="FEATURE",
+              help="Print nothing; exit 0 if the export can FEATURE, 2 if not (e.g. "
+                   "connect, read, write, flush, fua, trim, zero, fast-zero, cache, df, "
+                   "multi-conn, structured-reply, tls).")
+@click.option("--is", "is_", metavar="FEATURE",
+              help="The same as --can (read-only, rotational, tls, ...).")
 @click.option("--connections", type=click.IntRange(1, 64), default=1,
               help="Try multi-conn with this many connections (shown in the output).")
+@client_options
 @one_line_errors
-def info(uri: str, as_json: bool, connections: int) -> None:
+def info(uri: str, as_json: bool, size_only: bool, can: str | None, is_: str | None,
+         connections: int, options: ClientOptions) -> None:
     """What the server says about an export (like nbdinfo)."""
     import json
 
-    from .nbd import open_nbd
-    from .nbd.query import list_meta_contexts
-    from .protocol.errors import NBDError
-    from .protocol.uri import parse_uri
-    from .units import format_size
+    from .tools.describe import export_lines, feature_test, protocol_fields, protocol_line
+    from .tools.opening import address_of, open_device
 
-    address = parse_uri(uri)
+    if can and is_:
+        raise click.UsageError("give --can or --is, not both")
+    feature = can or is_
+    test = feature_test(feature) if feature else None
+    address = address_of(uri)
 
-    async def run() -> tuple[dict[str, Any], str]:
-        async with open_nbd(address, connections=connections) as dev:
-            described = dev.info.describe()
-            note = dev.connections_note
-            used = dev.connections
-        try:  # everything the server can list, as nbdinfo shows
-            listed = await list_meta_contexts(address)
-        except (NBDError, OSError):
-            listed = []
-        described["contexts"] = sorted(set(described["contexts"]) | set(listed))  # type: ignore[call-overload]
-        described["connections"] = used
-        return described, note
+    async def query() -> tuple[Any, int, str, list[str]]:
+        async with open_device(address, options, connections=connections) as dev:
+            got = dev.info, dev.connections, dev.connections_note
+        listed = [] if size_only or test else await _contexts(address, options)
+        return (*got, listed)
 
-    described, note = trio.run(run)
-    export = {key: value for key, value in described.items()
-              if key not in ("protocol", "TLS", "structured", "extended")}
-    export["uri"] = _uri_for(address, str(described["export-name"]))
-    export["export-size-str"] = format_size(int(described["export-size"]))
-    export = {key: value for key, value in export.items() if value is not None}
-    if as_json:
-        click.echo(json.dumps({"protocol": described["protocol"], "TLS": described["TLS"],
-                               "structured": described["structured"],
-                               "extended": described["extended"],
-                               "exports": [export]}, indent=2))
+    export_info, used, note, listed = run(query)
+    if test is not None:
+        sys.exit(0 if test(export_info) else 2)
+    if size_only:
+        click.echo(export_info.size)
         return
-    features = [f"{'with' if described['TLS'] else 'without'} TLS"]
-    if described["extended"]:
-        features.append("using extended packets")
-    elif described["structured"]:
-        features.append("using structured packets")
-    click.echo(f"protocol: {described['protocol']} {', '.join(features)}")
-    click.echo(f"export={json.dumps(export.pop('export-name'))}:")
-    size_str = export.pop("export-size-str")
-    click.echo(f"\texport-size: {export.pop('export-size')} ({size_str})")
-    for key, value in export.items():
-        if key == "contexts":
-            click.echo("\tcontexts:")
-            for name in value:
-                click.echo(f"\t\t{name}")
-        elif isinstance(value, bool):
-            click.echo(f"\t{key}: {str(value).lower()}")
-        else:
-            click.echo(f"\t{key}: {value}")
-    if note:
-        click.echo(f"\tnote: {note}")
+    fields = _export_fields(export_info, address, listed)
+    if connections > 1:
+        fields["connections"] = used
+        if note:
+            fields["note"] = note
+    if as_json:
+        click.echo(json.dumps({**protocol_fields(export_info), "exports": [fields]},
+                              indent=2))
+        return
+    click.echo(protocol_line(export_info))
+    click.echo("\n".join(export_lines(fields)))
+
+
+def _export_fields(export_info: Any, address: Any, listed: list[str],
+                   description: str | None = None) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from .tools.describe import export_fields
+
+    return export_fields(export_info, uri=str(replace(address, export=export_info.name)),
+                         contexts=set(export_info.contexts) | set(listed),
+                         description=description)
+
+
+async def _contexts(address: Any, options: ClientOptions) -> list[str]:
+    """Every metadata context the export lists (as nbdinfo shows them); [] when the
+    server will not say."""
+    from .nbd.query import list_meta_contexts
+    from .tools.opening import ClientOptions, ask
+
+    try:
+        return await ask(functools.partial(list_meta_contexts, address), address,
+                         ClientOptions(connect_timeout=options.connect_timeout))
+    except OSError:
+        return []
 
 
 @main.command(name="list")
 @click.argument("uri")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo's fields).")
+@client_options
 @one_line_errors
-def list_command(uri: str, as_json: bool) -> None:
-    """The exports a server lists (NBD_OPT_LIST)."""
+def list_command(uri: str, as_json: bool, options: ClientOptions) -> None:
+    """The exports a server lists, each with its details (like nbdinfo --list).
+
+    The export name in URI is ignored.
+    """
     import json
+    from dataclasses import replace
 
     from .nbd.query import list_exports
-    from .protocol.uri import parse_uri
+    from .tools.describe import export_lines, protocol_fields, protocol_line
+    from .tools.opening import address_of, ask, open_device
 
-    address = parse_uri(uri)
-    exports = trio.run(list_exports, address)
+    address = address_of(uri)
+
+    async def query() -> tuple[Any, list[dict[str, Any]], list[str]]:
+        entries = await ask(functools.partial(list_exports, address), address, options)
+        first, exports, failures = None, [], []
+        for entry in entries:
+            one = replace(address, export=entry.name)
+            try:
+                async with open_device(one, options) as dev:
+                    export_info = dev.info
+            except OSError as exc:
+                failures.append(_one_line(exc))
+                continue
+            first = first or export_info
+            exports.append(_export_fields(export_info, one, await _contexts(one, options),
+                                          description=entry.description))
+        return first, exports, failures
+
+    first, exports, failures = run(query)
     if as_json:
-        click.echo(json.dumps([{"export-name": e.name, "description": e.description,
-                                "uri": _uri_for(address, e.name)} for e in exports],
-                              indent=2))
-        return
-    for entry in exports:
-        line = f"export={json.dumps(entry.name)}"
-        if entry.description:
-            line += f" description={json.dumps(entry.description)}"
-        click.echo(line)
+        head = protocol_fields(first) if first is not None else {}
+        click.echo(json.dumps({**head, "exports": exports}, indent=2))
+    else:
+        if first is not None:
+            click.echo(protocol_line(first))
+        for fields in exports:
+            click.echo("\n".join(export_lines(fields)))
+    if failures:
+        raise click.ClickException("; ".join(failures))
 
 
 @main.command(name="map")
 @click.argument("uri")
 @click.option("--context", default="base:allocation", show_default=True,
               help="Metadata context, e.g. qemu:dirty-bitmap:NAME or qemu:allocation-depth.")
+@click.option("--totals", is_flag=True,
+              help="Bytes and percentage of each extent type instead of the extents.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (nbdinfo --map's form).")
+@client_options
 @one_line_errors
-def map_command(uri: str, context: str, as_json: bool) -> None:
+def map_command(uri: str, context: str, totals: bool, as_json: bool,
+                options: ClientOptions) -> None:
     """Extents of an export (merged runs of equal flags), like nbdinfo --map."""
     import json
 
-    from .nbd import open_nbd
+    from .tools.describe import extent_line, total_json, total_line
     from .tools.extents import describe_flags, map_extents
+    from .tools.extents import totals as sum_types
+    from .tools.opening import address_of, open_device
 
-    async def run() -> list[Any]:
-        async with open_nbd(uri, meta_contexts=[context]) as dev:
-            if context not in dev.info.contexts:
-                raise ValueError(f"the server does not offer the context {context!r}")
-            return [extent async for extent in map_extents(dev, context=context)]
+    address = address_of(uri)
 
-    extents = trio.run(run)
-    if as_json:
-        click.echo(json.dumps([{"offset": e.offset, "length": e.length, "type": e.flags,
-                                "description": describe_flags(context, e.flags)}
-                               for e in extents], indent=2))
+    async def query() -> tuple[list[Any], int]:
+        async with open_device(address, options, meta_contexts=[context]) as dev:
+            if context in dev.info.contexts:
+                return [extent async for extent in map_extents(dev, context=context)], \
+                    dev.size
+        offered = sorted(await _contexts(address, options))
+        raise ValueError(f"{address.display} does not offer the context {context!r}"
+                         + (f" (it offers: {', '.join(offered)})" if offered else ""))
+
+    extents, size = run(query)
+    if totals:
+        sums = [(total, describe_flags(context, total.type))
+                for total in sum_types(extents, size)]
+        if as_json:
+            click.echo(json.dumps([total_json(t, d) for t, d in sums], indent=2))
+        else:
+            click.echo("\n".join(total_line(t, d) for t, d in sums))
         return
-    for e in extents:
-        click.echo(f"{e.offset:>10} {e.length:>10} {e.flags:>4}  "
-                   f"{describe_flags(context, e.flags)}")
+    described = [(e, describe_flags(context, e.flags)) for e in extents]
+    if as_json:
+        click.echo(json.dumps([
+            {"offset": e.offset, "length": e.length, "type": e.flags,
+             **({"description": d} if d is not None else {})} for e, d in described],
+            indent=2))
+        return
+    click.echo("\n".join(extent_line(e.offset, e.length, e.flags, d) for e, d in described))
 
 
-@contextlib.contextmanager
-def progress_bar(total: int) -> Iterator[Callable[[int], None]]:
-    """A transient byte progress bar on stderr; yields the function that advances it."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class _ProgressFdAlias(click.Command):
+    """nbdcopy spells the progress file descriptor ``--progress=FD``, while ``-p`` /
+    ``--progress`` alone is the bar: ``--progress=FD`` is read as ``--progress-fd=FD``
+    (an option with an optional value would take the next argument, SOURCE, as FD)."""
 
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True,
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task("copying", total=total)
-        yield lambda n: bar.advance(task, n)
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        args = [("--progress-fd=" + arg.split("=", 1)[1]
+                 if i < end and arg.startswith("--progress=") else arg)
+                for i, arg in enumerate(args)]
+        return super().parse_args(ctx, args)
 
 
-@main.command(name="copy")
+@main.command(name="copy", cls=_ProgressFdAlias)
 @click.argument("source")
 @click.argument("destination")
-@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+@click.option("-C", "--connections", type=click.IntRange(1, 64), default=4,
+              show_default=True,
               help="Connections per NBD side (multi-conn, when the server offers it).")
-@click.option("--requests", type=click.IntRange(1, 1024), default=16, show_default=True,
-              help="Requests in flight.")
-@click.option("--request-size", type=SIZE, default="256K", show_default=True,
+@click.option("-R", "--requests", type=click.IntRange(1, 1024), default=16,
+              show_default=True, help="Requests in flight.")
+@click.option("--request-size", type=SIZE, default="1M", show_default=True,
               help="Bytes per read/write request.")
 @click.option("--flush", is_flag=True, help="Flush the destination at the end.")
-@click.option("--destination-is-zero", is_flag=True,
+@click.option("--destination-is-zero", "--target-is-zero", "destination_is_zero",
+              is_flag=True,
               help="The destination reads as zeroes already: skip zeroing holes.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--allocated", is_flag=True,
+              help="Leave the destination fully allocated: zero ranges are written or "
+                   "zeroed without punching holes.")
+@click.option("--no-extents", is_flag=True,
+              help="Do not ask the source where its holes are: read everything "
+                   "(zeroes read are still not written).")
+@click.option("-p", "--progress", is_flag=True,
+              help="Show the progress bar even when stderr is not a terminal. "
+                   "--progress=FD: write 'N/100' lines to file descriptor FD instead, "
+                   "as nbdcopy does.")
+@click.option("--progress-fd", type=click.IntRange(0), metavar="FD",
+              help="The same as --progress=FD.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@client_options
 @one_line_errors
 def copy_command(source: str, destination: str, connections: int, requests: int,
                  request_size: int, flush: bool, destination_is_zero: bool,
-                 quiet: bool) -> None:
+                 allocated: bool, no_extents: bool, progress: bool,
+                 progress_fd: int | None, quiet: bool, options: ClientOptions) -> None:
     """Copy SOURCE to DESTINATION, sparse-aware (like nbdcopy).
 
-    Each is an NBD URI, a local file or (destination only) null:.  Holes and zero
-    ranges of the source are not written: the destination gets WRITE_ZEROES, or nothing
-    when it is a new file.  A local destination file is created or truncated.
+    Each is an NBD URI, a local file, - (standard input or output) or (destination
+    only) null:.  Holes and zero ranges of the source are not written: the destination
+    gets WRITE_ZEROES, or nothing when it is a new file.  A local destination file is
+    created or truncated.
     """
+    import contextlib
+
     from .tools.copy import copy
     from .tools.endpoints import open_endpoint
+    from .tools.progress import Progress, terminal_bar
 
-    show = not quiet and sys.stderr.isatty()
+    if destination == "-":  # a closed pipe ends the copy as it ends nbdcopy
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    show_bar = progress_fd is None and not quiet and (progress or sys.stderr.isatty())
+    tracker: Progress | None = None
 
-    async def run() -> Any:
+    async def copy_run() -> Any:
+        nonlocal tracker
         async with open_endpoint(source, destination=False, connections=connections,
-                                 requests=requests) as src, \
-                open_endpoint(destination, destination=True, size=src.size,
-                              connections=connections, requests=requests,
-                              source=src) as dst:
-            with contextlib.ExitStack() as stack:
-                progress = stack.enter_context(progress_bar(src.size)) if show else None
-                return await copy(src, dst, requests=requests, request_size=request_size,
-                                  flush=flush, destination_is_zero=destination_is_zero,
-                                  progress=progress)
+                                 requests=requests, options=options) as src:
+            size = None if src.sequential else src.size
+            async with open_endpoint(destination, destination=True, size=size,
+                                     connections=connections, requests=requests,
+                                     source=src, options=options) as dst:
+                tracker = Progress(size)
+                if progress_fd is not None:
+                    tracker.to_fd(progress_fd)
+                with contextlib.ExitStack() as stack:
+                    if show_bar:
+                        tracker.outputs.append(
+                            stack.enter_context(terminal_bar(size, force=progress)))
+                    result = await copy(src, dst, requests=requests,
+                                        request_size=request_size, flush=flush,
+                                        destination_is_zero=destination_is_zero,
+                                        allocated=allocated, extents=not no_extents,
+                                        progress=tracker)
+                tracker.finish()
+                return result
 
-    result = trio.run(run)
+    try:
+        result = run(copy_run)
+    except Interrupted:
+        where = _copy_destination(destination)
+        if tracker is None:  # before the destination was opened
+            raise Interrupted(f"nothing was copied to {where}") from None
+        raise Interrupted(f"{where} is incomplete ({tracker.done} bytes copied)") from None
     if not quiet:
-        click.echo(f"copied {result.size} bytes ({result.data_bytes} data, "
-                   f"{result.zero_bytes} zero) in {result.seconds:.2f} s, "
-                   f"{result.mib_s:.1f} MiB/s", err=True)
+        click.echo(copy_summary(result), err=True)
+
+
+def _copy_destination(spec: str) -> str:
+    return {"-": "standard output", "null:": "null:"}.get(spec, spec)
+
+
+def copy_summary(result: Any) -> str:
+    """The line ``blockdrv copy`` ends with: the logical size and what moved."""
+    from .units import format_size
+
+    line = (f"copied {result.size} bytes ({format_size(result.size)}) in "
+            f"{result.seconds:.2f} s, {result.mib_s:.1f} MiB/s of logical size; "
+            f"data moved: {format_size(result.read_bytes)} read")
+    if result.data_bytes != result.read_bytes:
+        line += f", {format_size(result.data_bytes)} written"
+    line += f" ({result.data_mib_s:.1f} MiB/s)"
+    if result.reconnects:
+        line += (f"; {result.reconnects} reconnect"
+                 f"{'s' if result.reconnects != 1 else ''}")
+    return line
 
 
 def _server_tls(mode: str | None, cert: str | None, key: str | None,

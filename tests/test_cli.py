@@ -99,15 +99,16 @@ def test_map_of_another_context(tmp_path):
 def test_list_names_every_export(tmp_path):
     with Nbdkit(tmp_path, "--filter=exportname", "memory", "1M", "exportname=a",
                 "exportname=b", "exportname-list=explicit") as peer:
-        assert blockdrv("list", peer.uri()).stdout.splitlines() == ['export="a"',
-                                                                    'export="b"']
-        listed = json.loads(blockdrv("list", "--json", peer.uri()).stdout)
+        text = blockdrv("list", peer.uri()).stdout.splitlines()
+        assert [line for line in text if line.startswith("export=")] == \
+            ['export="a":', 'export="b":']
+        listed = json.loads(blockdrv("list", "--json", peer.uri()).stdout)["exports"]
         assert [e["export-name"] for e in listed] == ["a", "b"]
         assert listed[0]["uri"].startswith("nbd+unix:///a?socket=")
     with EmbeddedServer(tmp_path, "--memory", "1M", "--export", "disk",
                         "--description", "a disk") as peer:
-        assert blockdrv("list", peer.uri("disk")).stdout.strip() == \
-            'export="disk" description="a disk"'
+        assert 'export="disk":\n\tdescription: a disk\n\texport-size: 1048576 (1M)\n' in \
+            blockdrv("list", peer.uri("disk")).stdout
 
 
 @pytest.mark.parametrize("kind", SERVERS)
@@ -195,7 +196,7 @@ def test_list_and_bench_on_every_server(kind, tmp_path):
     else:
         peer = file_server(kind, tmp_path, image, *extra)
     with peer:
-        listed = json.loads(blockdrv("list", "--json", peer.uri("disk")).stdout)
+        listed = json.loads(blockdrv("list", "--json", peer.uri("disk")).stdout)["exports"]
         assert [e["export-name"] for e in listed] == ["disk"]
         out = json.loads(blockdrv("bench", peer.uri("disk"), "--pattern", "mixed", "--size",
                                   "64K", "--depth", "4", "--count", "200", "--json").stdout)

@@ -30,7 +30,8 @@ from typing import Awaitable, Callable, Generic, TypeVar
 
 import trio
 
-from ..protocol.errors import InvalidArgumentError
+from ..protocol.constants import OptionReply
+from ..protocol.errors import InvalidArgumentError, OptionError, ProtocolError
 
 log = logging.getLogger("blockdrv.nbd")
 
@@ -146,3 +147,11 @@ class ClientConnection(Generic[T]):
         result = self._take()
         if result is not None:
             await self._close_result(result)
+
+
+def worth_retrying_open(exc: Exception) -> bool:
+    """Whether an attempt to open is worth repeating: the server may just not be there
+    yet, or is restarting (a refusal or a protocol error is final)."""
+    if isinstance(exc, OptionError):
+        return exc.reply_type == OptionReply.ERR_SHUTDOWN  # a server going down
+    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ProtocolError)

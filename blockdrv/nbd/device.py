@@ -76,13 +76,12 @@ import trio
 from trio_util import AsyncValue
 
 from ..node import BlockNode, Extent
-from ..protocol.constants import BASE_ALLOCATION, Command, CommandFlag, OptionReply
+from ..protocol.constants import BASE_ALLOCATION, Command, CommandFlag
 from ..protocol.errors import (
     ConnectError,
     ConnectionLostError,
     InvalidArgumentError,
     NBDError,
-    OptionError,
     ProtocolError,
     UnsupportedError,
 )
@@ -92,7 +91,7 @@ from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_request
 from ..transport import Channel, TransportError
 from .admission import Admission
-from .connection import ClientConnection
+from .connection import ClientConnection, worth_retrying_open
 from .dispatch import MAX_SLOTS, Dispatcher, ReplyLost, Session, Slot
 from .handshake import HandshakeOptions, StreamFactory, connect_export
 from .states import Event, State, next_state
@@ -239,7 +238,7 @@ class NBDDevice(BlockNode):
         """First connection: one attempt, or retries for up to ``open_timeout`` s."""
         worker = self._worker
         worker.retry = open_timeout > 0
-        worker.retry_if = _transient
+        worker.retry_if = worth_retrying_open
         result = None
         with trio.move_on_after(open_timeout) if open_timeout > 0 else nullcontext():
             result = await worker.get(blocking=True)
@@ -721,13 +720,6 @@ def _check_unchanged(payload: memoryview, digest: bytes) -> None:
     if hashlib.blake2b(payload, digest_size=16).digest() != digest:
         raise InvalidArgumentError("the write buffer changed while the write was in flight; "
                                    "refusing to send different bytes")
-
-
-def _transient(exc: Exception) -> bool:
-    """Worth retrying while opening: the server may just not be there yet."""
-    if isinstance(exc, OptionError):
-        return exc.reply_type == OptionReply.ERR_SHUTDOWN  # a server going down
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ProtocolError)
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
 
 from ..node import BlockNode, Extent
 from ..protocol.constants import BASE_ALLOCATION
@@ -33,13 +34,31 @@ async def map_extents(node: BlockNode, *, context: str = BASE_ALLOCATION,
         yield pending
 
 
-def describe_flags(context: str, flags: int) -> str:
-    """The words ``nbdinfo --map`` prints for ``flags`` of ``context``."""
+def describe_flags(context: str, flags: int) -> str | None:
+    """The words ``nbdinfo --map`` prints for ``flags`` of ``context`` (None where it
+    prints none)."""
     if context == BASE_ALLOCATION:
-        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(
-            flags, f"hole,zero,{flags & ~3:#x}" if flags & 3 == 3 else f"{flags:#x}")
+        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(flags)
     if context.startswith("qemu:dirty-bitmap:"):
-        return {0: "clean", 1: "dirty"}.get(flags, f"{flags:#x}")
+        return {0: "clean", 1: "dirty"}.get(flags)
     if context == "qemu:allocation-depth":
         return {0: "absent", 1: "local"}.get(flags, f"backing depth {flags}")
-    return str(flags)
+    return None
+
+
+@dataclass(frozen=True)
+class Total:
+    """All bytes of one extent type (``nbdinfo --map --totals``)."""
+
+    size: int
+    percent: float  # of the export's size
+    type: int
+
+
+def totals(extents: Iterable[Extent], size: int) -> list[Total]:
+    """Bytes per extent type, by type, as ``nbdinfo --map --totals`` sums them."""
+    sums: dict[int, int] = {}
+    for extent in extents:
+        sums[extent.flags] = sums.get(extent.flags, 0) + extent.length
+    return [Total(n, 100.0 * n / size if size else 0.0, flags)
+            for flags, n in sorted(sums.items()) if n]
