@@ -171,3 +171,33 @@ def test_the_readme_quick_start_runs_as_written(tmp_path):
     assert "\texport-size: 1073741824 (1G)" in out
     backup = tmp_path / "backup.img"
     assert backup.stat().st_size == 1 << 30 and backup.stat().st_blocks == 0
+
+
+FLOODS = {
+    "info": (["info"], "flood_info", "MAX_INFO_REPLIES"),
+    "list": (["list"], "flood_list", "MAX_LIST_ENTRIES"),
+    "map": (["map"], "reply", "MAX_REPLY_CHUNKS"),
+    "copy": (["copy"], "reply", "MAX_REPLY_CHUNKS"),
+}
+
+
+@pytest.mark.parametrize("command", list(FLOODS))
+def test_a_flooding_server_ends_the_command_with_one_line(command, tmp_path):
+    """A server that answers with an endless stream (option replies, error chunks)
+    ends every command at once with one line naming the cap, never a hang."""
+    from support.hostile import HostileServer, Script, repeat
+
+    from blockdrv.protocol import wire
+
+    def error_chunks(conn, request):
+        return repeat(wire.encode_error_chunk(request.cookie, 5, "again", done=False))
+
+    args, knob, cap = FLOODS[command]
+    script = Script(**({knob: True} if knob != "reply" else {"reply": error_chunks}))
+    with HostileServer(tmp_path, script) as server:
+        extra = [str(tmp_path / "out.img")] if command == "copy" else []
+        result = subprocess.run([*BLOCKDRV, *args, "--connect-timeout", "5", server.uri,
+                                 *extra], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert cap in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
