@@ -34,24 +34,20 @@ import trio
 class Admission:
     """The admitted count of one device and the queue of requests waiting for room."""
 
-    __slots__ = ("admitted", "_queue", "_may_admit")
+    __slots__ = ("admitted", "waiting", "_queue", "_may_admit")
 
     def __init__(self, may_admit: Callable[[int], bool]) -> None:
         self.admitted = 0  # qemu's s->in_flight: admitted attempts
+        self.waiting = 0  # parked in the queue (a plain count: read on every request)
         self._queue = trio.lowlevel.ParkingLot()
         self._may_admit = may_admit  # given the admitted count: may one more enter?
 
     def __repr__(self) -> str:
-        return f"<Admission admitted={self.admitted} waiting={len(self._queue)}>"
-
-    @property
-    def waiting(self) -> int:
-        """Requests parked in the queue."""
-        return len(self._queue)
+        return f"<Admission admitted={self.admitted} waiting={self.waiting}>"
 
     def try_enter(self) -> bool:
         """Enter at once if nobody waits and the rule allows it (no checkpoint)."""
-        if len(self._queue) or not self._may_admit(self.admitted):
+        if self.waiting or not self._may_admit(self.admitted):
             return False
         self.admitted += 1
         return True
@@ -60,20 +56,25 @@ class Admission:
         """Be admitted, in arrival order; True if this had to wait (it yielded)."""
         if self.try_enter():
             return False
-        await self._queue.park()  # woken only by grant(), which counted us in
+        self.waiting += 1
+        try:
+            await self._queue.park()  # woken only by grant(), which counted us in
+        except BaseException:
+            self.waiting -= 1  # cancelled while parked: the lot has forgotten us
+            raise
         return True
 
     def leave(self) -> None:
         """An admitted request is done with its attempt: its room goes to the oldest
         waiter."""
         self.admitted -= 1
-        if len(self._queue):
+        if self.waiting:
             self.grant()
 
     def grant(self) -> None:
         """Admit the oldest waiters while the rule allows (call after any change that
         may make room: a request leaving, a state change)."""
-        queue = self._queue
-        while len(queue) and self._may_admit(self.admitted):
+        while self.waiting and self._may_admit(self.admitted):
             self.admitted += 1
-            queue.unpark()
+            self.waiting -= 1
+            self._queue.unpark()

@@ -569,10 +569,12 @@ class NBDDevice(BlockNode):
         """Receive the whole reply of ``slot``; the slot is freed whatever happens."""
         try:
             try:
-                await self._receive(slot)
+                await self._dispatch.receive(slot)
             except trio.Cancelled:
                 await self._finish_cancelled(slot)
                 raise
+            except (TransportError, ProtocolError, ReplyLost) as exc:
+                raise self._receive_failed(slot, exc) from None
             try:
                 error = slot.cursor.finish()
             except ProtocolError as exc:
@@ -591,19 +593,17 @@ class NBDDevice(BlockNode):
         if error is not None:
             raise error
 
-    async def _receive(self, slot: Slot) -> None:
-        """The dispatcher's receive, its failures turned into the device's."""
-        try:
-            await self._dispatch.receive(slot)
-        except TransportError as exc:
+    def _receive_failed(self, slot: Slot, exc: Exception) -> Exception:
+        """What a failure of the dispatcher's receive means for the device, and the
+        exception the request raises for it."""
+        if isinstance(exc, TransportError):
             self._channel_failed(slot.session, exc)
-            raise _TransportFailure(str(exc)) from None
-        except ProtocolError as exc:
-            raise self._protocol_violation(exc) from None
-        except ReplyLost:
-            if self._fatal is not None:
-                raise self._quit_error() from None
-            raise _TransportFailure("connection lost while waiting for the reply") from None
+            return _TransportFailure(str(exc))
+        if isinstance(exc, ProtocolError):
+            return self._protocol_violation(exc)
+        if self._fatal is not None:  # ReplyLost: the device is dead, or the connection
+            return self._quit_error()
+        return _TransportFailure("connection lost while waiting for the reply")
 
     async def _finish_cancelled(self, slot: Slot) -> None:
         """A cancelled request reads the rest of its own reply (discarding it), so the
@@ -613,9 +613,9 @@ class NBDDevice(BlockNode):
         with trio.CancelScope(shield=True) as shield:
             shield.deadline = trio.current_time() + self.cancel_timeout
             try:
-                await self._receive(slot)
-            except (_TransportFailure, NBDError):
-                pass
+                await self._dispatch.receive(slot)
+            except (TransportError, ProtocolError, ReplyLost) as exc:
+                self._receive_failed(slot, exc)
         if shield.cancelled_caught:  # (this also lets go of the current reply, if ours)
             self._channel_failed(slot.session, "the reply of a cancelled request did not "
                                                "arrive in time")

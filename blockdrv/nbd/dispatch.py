@@ -166,12 +166,31 @@ class Dispatcher:
         Raises TransportError or ProtocolError from the stream, or ReplyLost.
         """
         cursor = slot.cursor
-        while not cursor.finished:
+        channel = slot.session.channel
+        while not (cursor.done and not cursor.step):  # cursor.finished, inlined
             header = cursor.header if cursor.step else await self._wait_for_reply(slot)
             assert header is not None
+            step = cursor.step
             if header is not cursor.header:
-                cursor.begin(header)  # the owner checks its own chunks, once each
-            await self._consume(slot, header)
+                step = cursor.begin(header)  # the owner checks its own chunks, once each
+            # What the chunk carries, as the cursor asks (inlined: one per reply).
+            if step == READ_OFFSET:
+                cursor.data_offset(await channel.receive_u64())  # a peek, then consumed
+                step = cursor.step
+            if step == READ_DATA:
+                buffer = slot.buffer
+                while cursor.left:
+                    if buffer is None:
+                        scratch = self._scratch
+                        n = await channel.receive_some_into(
+                            memoryview(scratch)[:min(cursor.left, len(scratch))])
+                    else:
+                        at = cursor.at
+                        n = await channel.receive_some_into(buffer[at:at + cursor.left])
+                        self.bytes_read += n
+                    cursor.data_read(n)
+            elif step == READ_PAYLOAD:
+                self._payload(slot, cursor.payload(await self._read_payload(slot, channel)))
             if self.current is header:  # (not if the connection failed meanwhile)
                 self.current = None  # not done: we read on; done: hand_on() as we leave
             if not cursor.chunks % CHECKPOINT_CHUNKS and not cursor.finished:
@@ -226,36 +245,17 @@ class Dispatcher:
         self.current = header
         return owner
 
-    async def _consume(self, slot: Slot, header: ReplyHeader) -> None:
-        """Read what ``header``'s chunk carries, as its cursor asks."""
-        cursor, channel = slot.cursor, slot.session.channel
-        step = cursor.step
-        if step == READ_OFFSET:
-            cursor.data_offset(await channel.receive_u64())  # a peek, then consumed
-            step = cursor.step
-        if step == READ_DATA:
-            buffer = slot.buffer
-            while cursor.left:
-                if buffer is None:
-                    scratch = self._scratch
-                    n = await channel.receive_some_into(
-                        memoryview(scratch)[:min(cursor.left, len(scratch))])
-                else:
-                    at = cursor.at
-                    n = await channel.receive_some_into(buffer[at:at + cursor.left])
-                    self.bytes_read += n
-                cursor.data_read(n)
-        elif step == READ_PAYLOAD:
-            event = cursor.payload(await self._read_payload(slot, channel))
-            slot.payload = None
-            if isinstance(event, ReadHole):
-                if slot.buffer is not None:
-                    pos = event.offset - cursor.offset
-                    fill_zeroes(slot.buffer[pos:pos + event.length])
-                    self.bytes_read += event.length
-                    self.hole_bytes_read += event.length
-            elif isinstance(event, BlockStatus):
-                slot.extents[event.context_id] = event.extents
+    def _payload(self, slot: Slot, event: ReadHole | BlockStatus | None) -> None:
+        """What a hole or block status chunk's payload means for the request."""
+        slot.payload = None
+        if isinstance(event, ReadHole):
+            if slot.buffer is not None:
+                pos = event.offset - slot.cursor.offset
+                fill_zeroes(slot.buffer[pos:pos + event.length])
+                self.bytes_read += event.length
+                self.hole_bytes_read += event.length
+        elif isinstance(event, BlockStatus):
+            slot.extents[event.context_id] = event.extents
 
     async def _read_payload(self, slot: Slot, channel: Channel) -> bytes | bytearray:
         cursor = slot.cursor

@@ -80,6 +80,19 @@ _T_BLOCK_STATUS, _T_BLOCK_STATUS_EXT = (int(ChunkType.BLOCK_STATUS),
                                         int(ChunkType.BLOCK_STATUS_EXT))
 
 
+# What a ReplyCursor needs read next (plain ints: compared on every chunk).
+CHUNK_DONE = 0
+"""Nothing: the chunk is consumed (read the next header unless the reply is ``done``)."""
+READ_OFFSET = 1
+"""The 8-byte offset that opens an OFFSET_DATA payload: pass it to ``data_offset()``."""
+READ_DATA = 2
+"""``left`` bytes of READ data, landing at ``at`` in the request's buffer:
+report each read with ``data_read(n)``."""
+READ_PAYLOAD = 3
+"""The whole ``left``-byte payload of a hole, block status or error chunk: pass it to
+``payload()``."""
+
+
 def _command_name(command: int) -> str:
     try:
         return Command(command).name
@@ -92,7 +105,7 @@ class ReplyState:
 
     __slots__ = ("command", "offset", "length", "flags", "structured", "extended",
                  "context_ids", "_ranges", "covered", "_content_chunks", "_status_seen",
-                 "error", "done")
+                 "error", "done", "step", "at", "left", "header", "chunks", "max_chunks")
 
     def __init__(self, command: int, offset: int, length: int, flags: int = 0, *,
                  structured: bool = False, extended: bool = False,
@@ -110,6 +123,13 @@ class ReplyState:
         self._status_seen: set[int] = set()
         self.error: RequestError | None = None
         self.done = False
+        # Where a reader is (the ReplyCursor methods; set here: one __init__ call).
+        self.step = CHUNK_DONE
+        self.at = 0  # READ_DATA: where the next byte goes in the request's buffer
+        self.left = 0  # READ_DATA / READ_PAYLOAD: bytes still to read
+        self.header: ReplyHeader | None = None  # the chunk being consumed
+        self.chunks = 0
+        self.max_chunks = MAX_REPLY_CHUNKS + length // REPLY_BYTES_PER_CHUNK
 
     def __repr__(self) -> str:
         return (f"<ReplyState {_command_name(self.command)} {self.offset}+{self.length} "
@@ -302,19 +322,6 @@ class ReplyState:
         return self.error
 
 
-# What a ReplyCursor needs read next (plain ints: compared on every chunk).
-CHUNK_DONE = 0
-"""Nothing: the chunk is consumed (read the next header unless the reply is ``done``)."""
-READ_OFFSET = 1
-"""The 8-byte offset that opens an OFFSET_DATA payload: pass it to ``data_offset()``."""
-READ_DATA = 2
-"""``left`` bytes of READ data, landing at ``at`` in the request's buffer:
-report each read with ``data_read(n)``."""
-READ_PAYLOAD = 3
-"""The whole ``left``-byte payload of a hole, block status or error chunk: pass it to
-``payload()``."""
-
-
 class ReplyCursor(ReplyState):
     """Where a reader is in one request's reply: the one reply parser.
 
@@ -328,19 +335,7 @@ class ReplyCursor(ReplyState):
     :attr:`chunks` counts the chunks so far (readers checkpoint every few of them).
     """
 
-    __slots__ = ("step", "at", "left", "header", "chunks", "max_chunks")
-
-    def __init__(self, command: int, offset: int, length: int, flags: int = 0, *,
-                 structured: bool = False, extended: bool = False,
-                 context_ids: frozenset[int] | set[int] = frozenset()) -> None:
-        super().__init__(command, offset, length, flags, structured=structured,
-                         extended=extended, context_ids=context_ids)
-        self.step = CHUNK_DONE
-        self.at = 0  # READ_DATA: where the next byte goes in the request's buffer
-        self.left = 0  # READ_DATA / READ_PAYLOAD: bytes still to read
-        self.header: ReplyHeader | None = None  # the chunk being consumed
-        self.chunks = 0
-        self.max_chunks = MAX_REPLY_CHUNKS + length // REPLY_BYTES_PER_CHUNK
+    __slots__ = ()
 
     @property
     def finished(self) -> bool:
