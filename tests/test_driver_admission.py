@@ -118,3 +118,28 @@ async def test_admission_hands_places_over_in_arrival_order():
             assert order[-1] == "last"  # the place went on, not lost
             release["last"].set()
         assert admission.admitted == 0 and admission.waiting == 0
+
+
+async def test_waiters_cancelled_together_leave_no_phantom_places():
+    """A deadline cancels every parked waiter at once: trio takes them out of the queue
+    then, long before each runs again.  A place freed in between must not be granted
+    to them (that counted phantom requests as admitted and later hung the device)."""
+    admission = Admission(lambda admitted: admitted < 1)
+    with trio.fail_after(5):
+        assert admission.try_enter()
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as waiters:
+
+                async def waiter() -> None:
+                    await admission.enter()
+                    admission.leave()
+
+                for _ in range(5):
+                    waiters.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert admission.waiting == 5
+                waiters.cancel_scope.cancel()  # all five are out of the queue now...
+                admission.leave()  # ...so this place goes to nobody
+            nursery.cancel_scope.cancel()
+        assert admission.admitted == 0 and admission.waiting == 0
+        assert admission.try_enter()  # and it is there for the next request

@@ -34,20 +34,26 @@ import trio
 class Admission:
     """The admitted count of one device and the queue of requests waiting for room."""
 
-    __slots__ = ("admitted", "waiting", "_queue", "_may_admit")
+    __slots__ = ("admitted", "_queue", "_may_admit")
 
     def __init__(self, may_admit: Callable[[int], bool]) -> None:
         self.admitted = 0  # qemu's s->in_flight: admitted attempts
-        self.waiting = 0  # parked in the queue (a plain count: read on every request)
+        # Not a count of our own: trio forgets a cancelled waiter the moment its scope
+        # is cancelled, long before the waiter runs again, so only the lot knows.
         self._queue = trio.lowlevel.ParkingLot()
         self._may_admit = may_admit  # given the admitted count: may one more enter?
 
     def __repr__(self) -> str:
         return f"<Admission admitted={self.admitted} waiting={self.waiting}>"
 
+    @property
+    def waiting(self) -> int:
+        """Requests parked in the queue."""
+        return len(self._queue)
+
     def try_enter(self) -> bool:
         """Enter at once if nobody waits and the rule allows it (no checkpoint)."""
-        if self.waiting or not self._may_admit(self.admitted):
+        if self._queue or not self._may_admit(self.admitted):
             return False
         self.admitted += 1
         return True
@@ -56,25 +62,20 @@ class Admission:
         """Be admitted, in arrival order; True if this had to wait (it yielded)."""
         if self.try_enter():
             return False
-        self.waiting += 1
-        try:
-            await self._queue.park()  # woken only by grant(), which counted us in
-        except BaseException:
-            self.waiting -= 1  # cancelled while parked: the lot has forgotten us
-            raise
+        await self._queue.park()  # woken only by grant(), which counted us in
         return True
 
     def leave(self) -> None:
         """An admitted request is done with its attempt: its room goes to the oldest
         waiter."""
         self.admitted -= 1
-        if self.waiting:
+        if self._queue:
             self.grant()
 
     def grant(self) -> None:
         """Admit the oldest waiters while the rule allows (call after any change that
         may make room: a request leaving, a state change)."""
-        while self.waiting and self._may_admit(self.admitted):
+        queue = self._queue
+        while queue and self._may_admit(self.admitted):
             self.admitted += 1
-            self.waiting -= 1
-            self._queue.unpark()
+            queue.unpark()
