@@ -29,6 +29,17 @@ def memory_export(name="", size=4 * MiB, **kw) -> Export:
     return Export(name, MemoryBackend(size), **kw)
 
 
+@pytest.fixture(params=["memory", "file"])
+def store(request, tmp_path):
+    """An 8 MiB backend of each kind."""
+    if request.param == "file":
+        backend = FileBackend(tmp_path / "x.img", size=8 * MiB, create=True)
+    else:
+        backend = MemoryBackend(8 * MiB)
+    yield backend
+    backend.close()
+
+
 @asynccontextmanager
 async def serving(server: NBDServer):
     """Run ``server``; yield ``connect(**negotiate_args)`` giving negotiated clients.
@@ -99,7 +110,7 @@ F = CommandFlag
     (C.WRITE_ZEROES, 0, 4 * MiB, 512, errno.ENOSPC),
     (C.TRIM, 0, 4 * MiB, 512, errno.EINVAL),
     (C.READ, 0, 0, 2 * MiB, errno.EINVAL),  # longer than the maximum block size
-    (C.WRITE_ZEROES, 0, 0, 2 * MiB, errno.EINVAL),
+    (C.CACHE, 0, 0, 2 * MiB, errno.EINVAL),
     (C.RESIZE, 0, 0, 0, errno.EINVAL),
 ])
 async def test_bad_requests_get_the_spec_errors(command, flags, offset, length, code):
@@ -114,6 +125,39 @@ async def test_bad_requests_get_the_spec_errors(command, flags, offset, length, 
             assert excinfo.value.errno == code
             # The connection stays usable.
             assert await client.pread(512, 0) == bytes(512)
+
+
+async def test_zero_and_trim_of_any_length_inside_the_export(store):
+    # They carry no payload: accepted beyond the maximum block size, as qemu-nbd does.
+    export = Export("", store, max_payload=MiB)
+    with trio.fail_after(30):
+        async with serving(NBDServer(export)) as connect:
+            client = await connect()
+            client.check_requests = False
+            await client.pwrite(b"d" * MiB, 2 * MiB)
+            await client.pwrite(b"e" * MiB, 5 * MiB)
+            await client.zero(4 * MiB, 512)  # 4 x the maximum, unaligned ends
+            await client.trim(3 * MiB, 4 * MiB + 1024)
+            await client.zero(8 * MiB, 0, CommandFlag.NO_HOLE)
+            assert await client.pread(MiB, 2 * MiB) == bytes(MiB)
+            assert await client.pread(MiB, 5 * MiB) == bytes(MiB)
+            with pytest.raises(RequestError, match="ENOSPC"):
+                await client.zero(8 * MiB + 512, 0)  # still not beyond the end
+
+
+async def test_huge_zero_and_block_status_on_a_huge_memory_export_are_cheap():
+    # 1 TiB of sparse memory: one zero over all of it and one block status must not
+    # walk 16 million pages (the fail_after would fire first).
+    export = Export("", MemoryBackend(1 << 40))
+    with trio.fail_after(10):
+        async with serving(NBDServer(export)) as connect:
+            client = await connect()
+            client.check_requests = False
+            await client.pwrite(b"x" * 4096, 1 << 39)
+            await client.zero(1 << 40, 0)
+            assert not export.backend.pages
+            (extents,) = (await client.block_status((1 << 40) - 512, 512)).values()
+            assert sum(length for length, _ in extents) <= 1 << 30
 
 
 async def test_read_only_export_refuses_writes_with_eperm():
@@ -154,12 +198,7 @@ async def test_simple_replies_when_structured_replies_are_refused():
                 await client.pread(512, 4 * MiB)
 
 
-@pytest.mark.parametrize("backend", ["memory", "file"])
-async def test_extended_headers_and_commands(backend, tmp_path):
-    if backend == "file":
-        store = FileBackend(tmp_path / "x.img", size=8 * MiB, create=True)
-    else:
-        store = MemoryBackend(8 * MiB)
+async def test_extended_headers_and_commands(store):
     with trio.fail_after(30):
         async with serving(NBDServer(Export("", store))) as connect:
             client = await connect()
@@ -185,7 +224,6 @@ async def test_extended_headers_and_commands(backend, tmp_path):
             await client.flush()
             await client.zero(MiB, 2 * MiB, CommandFlag.FAST_ZERO)
             assert await client.pread(4096, 2 * MiB) == bytes(4096)
-    store.close()
 
 
 async def test_oversized_write_payload_is_a_disconnect_without_allocation():

@@ -31,9 +31,12 @@ def random_image(path, size: int, data_ranges) -> None:
             f.write(os.urandom(length))
 
 
+DISK = 256 * MiB  # holes far longer than the 32 MiB maximum block size
+
+
 @pytest.fixture(params=["plain", "shuffled"])
 def served(request, tmp_path):
-    args = ["--memory", "64M"]
+    args = ["--memory", str(DISK)]
     if request.param == "shuffled":
         args += ["--shuffle-replies", "--seed", "7"]
     with EmbeddedServer(tmp_path, *args) as server:
@@ -72,16 +75,45 @@ def test_nbdinfo_read_only_export(tmp_path):
 
 
 def test_nbdcopy_in_and_out(served, tmp_path):
+    # nbdcopy's default mode: asynchronous, multi-conn, holes sent as 128 MiB zeroes.
     src, back = tmp_path / "src.img", tmp_path / "back.img"
-    random_image(src, 64 * MiB, [(0, 3 * MiB), (10 * MiB, 512 * 1024), (40 * MiB, 7 * MiB)])
+    random_image(src, DISK, [(0, 3 * MiB), (10 * MiB, 512 * 1024), (40 * MiB, 7 * MiB),
+                             (200 * MiB, 5 * MiB)])
+    # The served disk holds data where src has holes: the copy must zero it.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 100M 64M", served.uri()],
+                   check=True, timeout=60, capture_output=True)
     subprocess.run(["nbdcopy", str(src), served.uri()], check=True, timeout=120)
     subprocess.run(["nbdcopy", served.uri(), str(back)], check=True, timeout=120)
     assert sha256(src) == sha256(back)
 
 
+def test_libnbd_zero_and_trim_longer_than_the_maximum_block_size(served):
+    result = run_libnbd("""
+        h = nbd.NBD()
+        h.set_strict_mode(0)  # libnbd checks nothing itself: the server decides
+        h.connect_uri(sys.argv[1])
+        h.pwrite(b"\\x01" * 65536, 100 << 20)
+        h.zero(64 << 20, 64 << 20)
+        zeroed = h.pread(65536, 100 << 20) == bytes(65536)
+        h.pwrite(b"\\x02" * 65536, 200 << 20)
+        h.trim(128 << 20, 128 << 20)
+        try:
+            h.pread(64 << 20, 0)
+            long_read = "accepted"
+        except nbd.Error as exc:
+            long_read = exc.errno
+        print(json.dumps({"max": h.get_block_size(nbd.SIZE_MAXIMUM), "zeroed": zeroed,
+                          "long_read": long_read}))
+        h.shutdown()
+    """, served.uri())
+    assert result == {"max": 32 * MiB, "zeroed": True, "long_read": "EINVAL"}
+
+
 def test_qemu_img_convert_and_compare(served, tmp_path):
     src, back = tmp_path / "src.img", tmp_path / "back.qcow2"
-    random_image(src, 64 * MiB, [(MiB, 5 * MiB), (33 * MiB, MiB)])
+    random_image(src, DISK, [(MiB, 5 * MiB), (33 * MiB, MiB), (180 * MiB, 2 * MiB)])
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 64M 100M", served.uri()],
+                   check=True, timeout=60, capture_output=True)
     subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
                     served.uri()], check=True, timeout=120)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), served.uri()],

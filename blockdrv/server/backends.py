@@ -29,6 +29,8 @@ from ..protocol.constants import StateFlag
 Segment = tuple[int, int, "Sequence[memoryview] | None"]
 HOLE_FLAGS = int(StateFlag.HOLE | StateFlag.ZERO)
 MAX_EXTENTS = 1024  # per block status reply (the spec lets a server return fewer)
+STATUS_SCAN = 1 << 30  # bytes a memory block status looks at (16384 pages)
+ZERO_PAGES_PER_CHECKPOINT = 256  # NO_HOLE zeroing yields every 16 MiB
 
 
 class FastZeroUnsupported(OSError):
@@ -149,7 +151,22 @@ class MemoryBackend(Backend):
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        for index, start, stop, _ in self._spans(offset, length):
+        # WRITE_ZEROES and TRIM may cover the whole export: whole pages are dropped by
+        # looking at the allocated ones only, so a huge range costs what it frees.
+        page = self.PAGE
+        first, last = -(-offset // page), (offset + length) // page  # whole pages
+        if not may_trim or first >= last:
+            await self._zero_pages(offset, length, may_trim)
+            return
+        await self._zero_pages(offset, first * page - offset, may_trim)
+        for index in self._allocated_in(first, last):
+            del self.pages[index]
+        await self._zero_pages(last * page, offset + length - last * page, may_trim)
+
+    async def _zero_pages(self, offset: int, length: int, may_trim: bool) -> None:
+        for n, (index, start, stop, _) in enumerate(self._spans(offset, length)):
+            if n % ZERO_PAGES_PER_CHECKPOINT == ZERO_PAGES_PER_CHECKPOINT - 1:
+                await trio.lowlevel.checkpoint()  # NO_HOLE over a large export
             page = self.pages.get(index)
             if start == 0 and stop == self.PAGE and may_trim:
                 self.pages.pop(index, None)
@@ -157,6 +174,12 @@ class MemoryBackend(Backend):
                 page[start:stop] = bytes(stop - start)
             elif not may_trim:  # NO_HOLE: the range must end up allocated
                 self.pages[index] = bytearray(self.PAGE)
+
+    def _allocated_in(self, first: int, last: int) -> list[int]:
+        """Allocated page indices in ``[first, last)``, at the cost of the smaller set."""
+        if last - first > len(self.pages):
+            return [index for index in self.pages if first <= index < last]
+        return [index for index in range(first, last) if index in self.pages]
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.zero(offset, length, may_trim=True)
@@ -168,6 +191,8 @@ class MemoryBackend(Backend):
         pass
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # Looks at no more than STATUS_SCAN bytes: a reply may describe less than asked.
+        length = min(length, STATUS_SCAN)
         runs = [(stop - start, 0 if index in self.pages else HOLE_FLAGS)
                 for index, start, stop, _ in self._spans(offset, length)]
         return merge_extents(runs)[:MAX_EXTENTS]
@@ -198,12 +223,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 # The file system calls below take a file descriptor and block: run them in a worker
 # thread.  The server's FileBackend and ``blockdrv copy``'s local files both use them.
 
-def data_runs(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE."""
+def data_runs(fd: int, offset: int, length: int,
+              max_runs: int | None = None) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE (only
+    the first ``max_runs`` of them when given: a fragmented file has many)."""
     end = offset + length
     runs: list[tuple[int, int, bool]] = []
     pos = offset
-    while pos < end:
+    while pos < end and (max_runs is None or len(runs) < max_runs):
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
@@ -345,7 +372,7 @@ class FileBackend(Backend):
 
     def _status_sync(self, offset: int, length: int) -> list[tuple[int, int]]:
         runs = [(n, 0 if is_data else HOLE_FLAGS) for _, n, is_data in
-                data_runs(self.fd, offset, length)]
+                data_runs(self.fd, offset, length, MAX_EXTENTS)]
         return merge_extents(runs)[:MAX_EXTENTS]
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
