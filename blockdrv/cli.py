@@ -94,6 +94,17 @@ def main(verbose: int) -> None:
               help="Largest READ/WRITE accepted (advertised as the maximum block size).")
 @click.option("--min-block", type=SIZE, default="1", show_default=True,
               help="Minimum block size (alignment) advertised and enforced.")
+@click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True,
+              help="Connections served at once; more are closed as soon as accepted.")
+@click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True,
+              help="Seconds a client may take to enter transmission (TLS included).")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=5.0,
+              show_default=True,
+              help="Seconds SIGTERM/SIGINT lets connections finish their requests.")
+@click.option("--buffer-budget", type=SIZE, default="64M", show_default=True,
+              help="Bytes one connection may make the server hold (WRITE payloads, "
+                   "replies not yet sent); reading its requests pauses beyond it.")
 @click.option("--shuffle-replies", is_flag=True,
               help="Send replies in a deliberately shuffled order (tests clients).")
 @click.option("--no-structured", is_flag=True, help="Refuse structured replies.")
@@ -111,7 +122,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
           no_multi_conn: bool, tls_mode: str | None, tls_cert: str | None,
           tls_key: str | None, tls_ca: str | None, max_payload: int, min_block: int,
-          shuffle_replies: bool, no_structured: bool, no_extended: bool,
+          max_connections: int, handshake_timeout: float, shutdown_timeout: float,
+          buffer_budget: int, shuffle_replies: bool, no_structured: bool, no_extended: bool,
           seed: int | None, fail_rules: tuple[str, ...],
           lose_writes: float, stale_reads: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
@@ -149,7 +161,10 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         export.faults.stale_reads(stale_reads)
     server = NBDServer(export, structured=not no_structured, extended=not no_extended,
                        shuffle_replies=shuffle_replies, seed=seed,
-                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca))
+                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),
+                       max_connections=max_connections,
+                       handshake_timeout=handshake_timeout,
+                       shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget)
 
     def announce(uri: str) -> None:
         print(uri, flush=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from support.client import AsyncClient, BlockingClient
+from support.client import BlockingClient
+from support.server_rig import STORE_KINDS, open_store, serving
 
 from blockdrv.protocol import (
     Command,
@@ -20,7 +20,7 @@ from blockdrv.protocol import (
     RequestError,
     StateFlag,
 )
-from blockdrv.server import Export, FileBackend, MemoryBackend, NBDServer
+from blockdrv.server import Export, MemoryBackend, NBDServer
 
 MiB = 1024 * 1024
 
@@ -29,36 +29,10 @@ def memory_export(name="", size=4 * MiB, **kw) -> Export:
     return Export(name, MemoryBackend(size), **kw)
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=STORE_KINDS)
 def store(request, tmp_path):
-    """An 8 MiB backend of each kind."""
-    if request.param == "file":
-        backend = FileBackend(tmp_path / "x.img", size=8 * MiB, create=True)
-    else:
-        backend = MemoryBackend(8 * MiB)
-    yield backend
-    backend.close()
-
-
-@asynccontextmanager
-async def serving(server: NBDServer):
-    """Run ``server``; yield ``connect(**negotiate_args)`` giving negotiated clients.
-
-    Clients talk to the server over trio.testing memory streams, so nothing waits for
-    real I/O and the autojump clock can be used.
-    """
-    async with trio.open_nursery() as nursery:
-
-        async def connect(negotiate: bool = True, **kw) -> AsyncClient:
-            client_side, server_side = trio.testing.memory_stream_pair()
-            nursery.start_soon(server.handle_stream, server_side)
-            client = AsyncClient(client_side)
-            if negotiate:
-                await client.negotiate(**kw)
-            return client
-
-        yield connect
-        server.kill()
+    with open_store(request.param, tmp_path) as backend:
+        yield backend
 
 
 # --- concurrency and ordering --------------------------------------------------------
@@ -407,7 +381,7 @@ async def test_connection_faults_touch_only_that_connection():
 async def test_graceful_shutdown_finishes_requests_in_progress(autojump_clock):
     export = memory_export()
     export.faults.delay("write", 5)
-    server = NBDServer(export)
+    server = NBDServer(export, shutdown_timeout=30)
     with trio.fail_after(60):
         async with serving(server) as connect:
             client = await connect()

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
+from support.client import BlockingClient
 from support.libnbd import run_libnbd
 from support.peers import EmbeddedServer, sparse_image
+
+from blockdrv.fuzz.servers import ActivatedServer
+from blockdrv.protocol import Command
 
 pytestmark = pytest.mark.interop
 
@@ -226,6 +232,64 @@ def test_sigterm_is_a_clean_shutdown(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- hostile clients over real sockets ---------------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident set size of a process, in bytes (VmHWM)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def hostile_reads(server, count: int, length: int) -> socket.socket:
+    """A negotiated client that has sent ``count`` READs and will read no reply."""
+    client = BlockingClient(server.connect())
+    client.negotiate()
+    for _ in range(count):
+        client.send(Command.READ, 0, length)
+    return client.sock
+
+
+def test_reads_whose_replies_nobody_reads_hold_the_budget_not_more(tmp_path):
+    # 1.8 KB of requests asking for 2 GiB of a file's data, never read.
+    image = tmp_path / "data.img"
+    random_image(image, 32 * MiB, [(0, 32 * MiB)])
+    with EmbeddedServer(tmp_path, "--file", str(image)) as srv:
+        with hostile_reads(srv, 64, 32 * MiB):
+            assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == 32 * MiB
+            out = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 32M", srv.uri()],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert peak_rss(srv.process.pid) < 300 * MiB  # 64 MiB budget + the interpreter
+
+
+def test_sigterm_with_a_client_that_reads_no_replies(tmp_path):
+    with EmbeddedServer(tmp_path, "--memory", "64M", "--shutdown-timeout", "1") as srv:
+        # Data, not holes: a hole's reply is a few bytes that would fit a socket buffer.
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 32M", srv.uri()],
+                       check=True, timeout=60, capture_output=True)
+        with hostile_reads(srv, 64, 32 * MiB):
+            assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == 64 * MiB
+            srv.process.send_signal(signal.SIGTERM)
+            assert srv.process.wait(timeout=30) == 0
+
+
+def test_idle_sockets_out_of_file_descriptors(tmp_path):
+    # 40 open files at most: idle clients use them all up; the handshake deadline
+    # frees them, the accept loop backs off quietly meanwhile, and nbdinfo is served.
+    srv = ActivatedServer(tmp_path, ["prlimit", "--nofile=40", sys.executable, "-m",
+                                     "blockdrv", "serve", "--memory", "1M",
+                                     "--handshake-timeout", "1"], name="blockdrv-serve")
+    with srv, contextlib.ExitStack() as idle:
+        for _ in range(60):
+            idle.enter_context(srv.connect())
+        assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == MiB
+    log = srv.log()
+    assert log.count("accept is out of resources") == 1, log
 
 
 def test_port_zero_prints_the_chosen_port():

@@ -31,6 +31,7 @@ HOLE_FLAGS = int(StateFlag.HOLE | StateFlag.ZERO)
 MAX_EXTENTS = 1024  # per block status reply (the spec lets a server return fewer)
 STATUS_SCAN = 1 << 30  # bytes a memory block status looks at (16384 pages)
 ZERO_PAGES_PER_CHECKPOINT = 256  # NO_HOLE zeroing yields every 16 MiB
+FILE_ZERO_PIECE = 256 << 20  # bytes a file backend zeroes per worker-thread call
 
 
 class FastZeroUnsupported(OSError):
@@ -350,7 +351,13 @@ class FileBackend(Backend):
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        await trio.to_thread.run_sync(self._zero_sync, offset, length, may_trim, fast, fua)
+        # A piece per worker-thread call: zeroing may mean writing zeroes, and a huge
+        # range must stay cancellable (graceful shutdown is bounded).
+        end = offset + length
+        for pos in range(offset, end, FILE_ZERO_PIECE):
+            piece = min(FILE_ZERO_PIECE, end - pos)
+            await trio.to_thread.run_sync(self._zero_sync, pos, piece, may_trim, fast,
+                                          fua and pos + piece == end)
 
     def _trim_sync(self, offset: int, length: int, fua: bool) -> None:
         try:

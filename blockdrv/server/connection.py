@@ -2,14 +2,21 @@
 
 Theory of operation
 -------------------
-The handshake runs through the sans-IO :class:`ServerNegotiator`.  Then a reader loop
-takes requests off the stream one at a time (the header, then a WRITE's payload) and
-starts a task for each in the connection's nursery: requests of one connection are
-processed concurrently and their replies leave in the order they finish.  Two limits
-keep a fast or hostile client from making the server buffer without end: a count of
-requests in progress and a budget of WRITE payload bytes held (a ``trio_util.AsyncValue``
-the reader waits on).  When either is full the reader stops reading and TCP flow control
-pushes back on the client.
+The handshake runs through the sans-IO :class:`ServerNegotiator`, one option at a time
+(each answer is sent before the next option is looked at), under a deadline
+(``handshake_timeout``) that covers a TLS upgrade too.  Then a reader loop takes
+requests off the stream one at a time (the header, then a WRITE's payload) and starts a
+task for each in the connection's nursery: requests of one connection are processed
+concurrently and their replies leave in the order they finish.
+
+Two limits keep a fast or hostile client from making the server hold without end: a
+count of requests in progress (``max_requests``) and a budget of bytes held
+(``buffer_budget``, a ``trio_util.AsyncValue`` the reader waits on).  Every request is
+charged what it may make us hold (a WRITE its payload, a READ its data, a block status
+its extents, anything else a small overhead) as soon as its header is read, before its
+payload is read or it is executed, and released when its reply has left.  When either
+limit is full the reader stops reading and TCP flow control pushes back on the client,
+so a client that sends READs and never reads the replies holds at most the budget.
 
 Replies are written under ``send_lock`` one chunk at a time: chunks of different replies
 may interleave, as the spec allows, but never mix.  With ``shuffle_replies`` each reply
@@ -23,8 +30,12 @@ disconnect; nothing is ever allocated from an unchecked length.
 
 Fault hooks (:mod:`blockdrv.server.faults`) of the export and of the connection are
 consulted only when active.  ``stop()`` (graceful shutdown) stops reading requests and
-lets the ones in progress finish; ``kill()`` shuts the socket down at once, as a crash
-would.
+lets the ones in progress finish, for at most ``shutdown_timeout`` seconds (a client that
+does not read its replies cannot hold the server up); ``kill()`` shuts the socket down at
+once, as a crash would.
+
+The connection gets the server's settings and counters (:mod:`blockdrv.server.config`),
+never the server itself.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 from trio_util import AsyncValue
@@ -49,7 +60,7 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import ProtocolError
 from ..protocol.events import NEED_DATA, ClientAborted, ExportChosen, StartTLS
-from ..protocol.server_negotiate import ServerNegotiator
+from ..protocol.server_negotiate import OptionAnswered, ServerNegotiator
 from ..protocol.wire import (
     Request,
     decode_request,
@@ -64,19 +75,20 @@ from ..protocol.wire import (
 )
 from ..tls import TLSError, upgrade
 from ..transport import Channel, TransportError
-from .backends import FastZeroUnsupported, Segment
+from .backends import MAX_EXTENTS, FastZeroUnsupported, Segment
+from .config import ServerConfig, ServerCounters
 from .export import Export
 from .faults import Faults
-
-if TYPE_CHECKING:
-    from .server import NBDServer
 
 log = logging.getLogger("blockdrv.server")
 
 Buffers = list["bytes | bytearray | memoryview"]
 Chunk = Buffers  # the buffers of one chunk (or simple reply), sent together
 
-PAYLOAD_BUDGET = 256 * 1024 * 1024
+REPLY_OVERHEAD = 8192
+"""What a request without data is charged: headers, an error message."""
+BLOCK_STATUS_COST = MAX_EXTENTS * 16 + 64
+"""What a block status reply may take per meta context (extended descriptors)."""
 _RANGELESS = (Command.FLUSH, Command.DISC)
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
 
@@ -97,20 +109,23 @@ class _Failure(Exception):
 class ServerConnection:
     """The server side of one client connection (see the module docstring)."""
 
-    def __init__(self, server: NBDServer, stream: trio.abc.Stream, peer: str = "") -> None:
-        self.server = server
+    def __init__(self, config: ServerConfig, counters: ServerCounters,
+                 stream: trio.abc.Stream, peer: str = "", *, seed: int | None = None) -> None:
+        self.config = config
+        self.counters = counters
         self.channel = Channel(stream)
         self.peer = peer
-        self.faults = Faults(seed=server.rng.randrange(1 << 32))
+        rng = random.Random(seed)
+        self.faults = Faults(seed=rng.randrange(1 << 32))
         self.export: Export | None = None
         self.structured = self.extended = False
         self.contexts: dict[int, str] = {}
         self.requests = 0
+        self.held = AsyncValue(0)  # bytes charged to requests in progress (the budget)
         self.send_lock = trio.Lock()
-        self._rng = random.Random(server.rng.randrange(1 << 32))
+        self._rng = random.Random(rng.randrange(1 << 32))
         self._scope = trio.CancelScope()  # the whole connection
         self._reading = trio.CancelScope()  # the request reader only
-        self._payload_bytes = AsyncValue(0)
         self._handlers: dict[Command, Callable[[Request, bytearray | None],
                                                Awaitable[list[Chunk] | None]]] = {
             Command.READ: self._read,
@@ -124,15 +139,24 @@ class ServerConnection:
 
     def __repr__(self) -> str:
         name = self.export.name if self.export else None
-        return f"<ServerConnection {self.peer} export={name!r} requests={self.requests}>"
+        return (f"<ServerConnection {self.peer} export={name!r} requests={self.requests} "
+                f"held={self.held.value}>")
+
+    @property
+    def handshaking(self) -> bool:
+        """True until the client has entered transmission."""
+        return self.export is None
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Graceful: stop reading requests, finish those in progress, then close."""
+        """Graceful: stop reading requests, finish those in progress (for at most
+        ``shutdown_timeout`` seconds), then close."""
         if self.export is None:
             self._scope.cancel()  # still in the handshake: nothing to finish
         self._reading.cancel()
+        deadline = trio.current_time() + self.config.shutdown_timeout
+        self._scope.deadline = min(self._scope.deadline, deadline)
 
     def kill(self) -> None:
         """Abrupt: shut the socket down now, as if the server crashed."""
@@ -143,9 +167,15 @@ class ServerConnection:
         """Serve the connection until the client leaves, breaks the rules, or we stop."""
         try:
             with self._scope:
-                chosen = await self._handshake()
-                if chosen is not None:
+                with trio.move_on_after(self.config.handshake_timeout) as deadline:
+                    chosen = await self._handshake()
+                if deadline.cancelled_caught:
+                    log.debug("connection %s: no handshake within %g s", self.peer,
+                              self.config.handshake_timeout)
+                elif chosen is not None:
                     await self._transmission(chosen)
+            if self._scope.cancelled_caught and self.export is not None:
+                log.debug("connection %s: cut at shutdown", self.peer)
         except* (TransportError, ProtocolError, TLSError, _Dropped) as group:
             for exc in group.exceptions:
                 log.debug("connection %s ended: %s", self.peer, exc)
@@ -155,11 +185,11 @@ class ServerConnection:
     # --- handshake ----------------------------------------------------------------------
 
     async def _handshake(self) -> ExportChosen | None:
-        server = self.server
-        neg = ServerNegotiator({e.name: e.offer() for e in server.exports.values()},
-                               tls=server.tls.mode, structured=server.structured,
-                               extended=server.extended, allow_list=server.allow_list,
-                               default_export=server.default_export)
+        config = self.config
+        neg = ServerNegotiator(config.offers(), tls=config.tls.mode,
+                               structured=config.structured, extended=config.extended,
+                               allow_list=config.allow_list,
+                               default_export=config.default_export, step_options=True)
         while True:
             try:
                 event = neg.next_event()
@@ -169,23 +199,25 @@ class ServerConnection:
                     await self.channel.send(out)
             if event is NEED_DATA:
                 neg.receive_data(await self.channel.receive_some())
+            elif isinstance(event, OptionAnswered):
+                await trio.lowlevel.checkpoint()  # however fast a client sends options
             elif isinstance(event, ExportChosen):
                 self.channel.unread(neg.leftover())
                 return event
             elif isinstance(event, ClientAborted):
                 return None
             elif isinstance(event, StartTLS):
-                await upgrade(self.channel, server.tls, server_side=True)
+                await upgrade(self.channel, config.tls, server_side=True)
                 neg.tls_started()
 
     # --- transmission -------------------------------------------------------------------
 
     async def _transmission(self, chosen: ExportChosen) -> None:
-        self.export = export = self.server.exports[chosen.name]
+        self.export = export = self.config.exports[chosen.name]
         self.structured, self.extended = chosen.structured, chosen.extended
         self.contexts = chosen.contexts
         header_size = request_size(self.extended)
-        in_progress = trio.Semaphore(self.server.max_requests)
+        in_progress = trio.Semaphore(self.config.max_requests)
         async with trio.open_nursery() as nursery:
             with self._reading:
                 while True:
@@ -193,9 +225,12 @@ class ServerConnection:
                     await self._wait_stall()
                     header = await self.channel.receive_exactly(header_size)
                     request = decode_request(header, extended=self.extended)
+                    cost = self._cost(request)
+                    await self._charge(cost)
                     payload = None
                     if request.command == Command.WRITE:
-                        payload = await self._receive_payload(request.length)
+                        payload = bytearray(request.length)
+                        await self.channel.receive_into(memoryview(payload))
                     self.requests += 1
                     for faults in (export.faults, self.faults):
                         if faults.active and faults.request_arrived():
@@ -203,18 +238,31 @@ class ServerConnection:
                             raise _Dropped("fault hook: connection dropped after a request")
                     if request.command == Command.DISC:
                         break
-                    nursery.start_soon(self._serve, request, payload, in_progress)
+                    nursery.start_soon(self._serve, request, payload, cost, in_progress)
 
-    async def _receive_payload(self, length: int) -> bytearray:
+    def _cost(self, request: Request) -> int:
+        """Bytes a request may make us hold until its reply has left (the budget's
+        charge); a WRITE payload over the spec's bound is a ProtocolError here, before
+        anything is allocated."""
         assert self.export is not None
-        if length > max(self.export.max_payload, DEFAULT_MAX_PAYLOAD):
-            raise ProtocolError(f"write payload of {length} bytes is too large")
-        budget = self._payload_bytes
-        await budget.wait_value(lambda held: held == 0 or held + length <= PAYLOAD_BUDGET)
-        budget.value += length
-        payload = bytearray(length)
-        await self.channel.receive_into(memoryview(payload))
-        return payload
+        command, length = request.command, request.length
+        if command == Command.WRITE:
+            if length > max(self.export.max_payload, DEFAULT_MAX_PAYLOAD):
+                raise ProtocolError(f"write payload of {length} bytes is too large")
+            return max(length, REPLY_OVERHEAD)
+        if command == Command.READ and length <= self.export.max_payload:
+            return max(length, REPLY_OVERHEAD)  # (chunk headers are a rounding error)
+        if command == Command.BLOCK_STATUS:
+            return REPLY_OVERHEAD + len(self.contexts) * BLOCK_STATUS_COST
+        return REPLY_OVERHEAD
+
+    async def _charge(self, cost: int) -> None:
+        """Take ``cost`` bytes of the budget, waiting (not reading) while they do not
+        fit; a request alone always fits."""
+        held, budget = self.held, self.config.buffer_budget
+        if held.value and held.value + cost > budget:
+            await held.wait_value(lambda value: value == 0 or value + cost <= budget)
+        held.value += cost
 
     async def _wait_stall(self) -> None:
         assert self.export is not None
@@ -222,9 +270,10 @@ class ServerConnection:
             if faults.active:
                 await faults.wait_stall()
 
-    async def _serve(self, request: Request, payload: bytearray | None,
+    async def _serve(self, request: Request, payload: bytearray | None, cost: int,
                      in_progress: trio.Semaphore) -> None:
-        self.server.requests_in_progress.value += 1
+        counters = self.counters
+        counters.requests_in_progress.value += 1
         try:
             try:
                 chunks = await self._execute(request, payload)
@@ -232,13 +281,13 @@ class ServerConnection:
                 chunks = [self._error_chunk(request, failure.code, failure.message)]
             if chunks is None:
                 chunks = [self._ok_chunk(request)]
+            del payload  # stored: only the reply is held now
             await self._send_reply(request, chunks)
-            self.server.requests_served += 1
+            counters.requests_served += 1
         finally:
-            self.server.requests_in_progress.value -= 1
+            counters.requests_in_progress.value -= 1
             in_progress.release()
-            if payload is not None:
-                self._payload_bytes.value -= len(payload)
+            self.held.value -= cost
 
     async def _execute(self, request: Request,
                        payload: bytearray | None) -> list[Chunk] | None:
@@ -316,7 +365,7 @@ class ServerConnection:
                 return [[encode_none_chunk(cookie, extended=extended)]]
             return [[encode_data_chunk_header(cookie, request.offset, n, done=True,
                                               extended=extended), *data]]
-        if self.server.shuffle_replies:
+        if self.config.shuffle_replies:
             segments = _split(segments, self._rng)
             self._rng.shuffle(segments)
         chunks: list[Chunk] = []
@@ -397,7 +446,7 @@ class ServerConnection:
     async def _send_reply(self, request: Request, chunks: list[Chunk]) -> None:
         export = self.export
         assert export is not None
-        if self.server.shuffle_replies:
+        if self.config.shuffle_replies:
             for _ in range(self._rng.randrange(8)):
                 await trio.lowlevel.checkpoint()
         for faults in (export.faults, self.faults):
@@ -440,9 +489,23 @@ def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
         if views is None:
             out += [(at, cut, None), (at + cut, n - cut, None)]
         else:
-            flat = memoryview(b"".join(views))
-            out += [(at, cut, [flat[:cut]]), (at + cut, n - cut, [flat[cut:]])]
+            head, tail = _cut_views(views, cut)
+            out += [(at, cut, head), (at + cut, n - cut, tail)]
     return out
+
+
+def _cut_views(views: Sequence[memoryview], cut: int) -> tuple[list[memoryview],
+                                                               list[memoryview]]:
+    """Buffers split after ``cut`` bytes, without copying."""
+    head: list[memoryview] = []
+    for i, view in enumerate(views):
+        if not cut:
+            return head, list(views[i:])
+        if cut < len(view):
+            return [*head, view[:cut]], [view[cut:], *views[i + 1:]]
+        head.append(view)
+        cut -= len(view)
+    return head, []
 
 
 def _coarsen(extents: Sequence[tuple[int, int]], block: int) -> list[tuple[int, int]]:
