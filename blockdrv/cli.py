@@ -117,6 +117,23 @@ def main(verbose: int) -> None:
               help="Fault hook: acknowledge writes without storing them, at this rate.")
 @click.option("--stale-reads", type=click.FloatRange(0, 1), default=0.0,
               help="Fault hook: serve reads from data older than the latest writes.")
+@click.option("--flood", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: answer GO, INFO, LIST, meta context options, READ and "
+                   "BLOCK_STATUS with an endless stream, at this rate.")
+@click.option("--tiny-chunks", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: cut READ replies into tiny chunks in a random order, "
+                   "at this rate.")
+@click.option("--tiny-chunk-max", type=SIZE, default="512", show_default=True,
+              help="Largest tiny chunk (the smallest is 1 byte).")
+@click.option("--unrequested-context", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: answer SET_META_CONTEXT with qemu:evil too, at this rate.")
+@click.option("--slowloris", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: trickle option and request replies a few bytes at a "
+                   "time, at this rate.")
+@click.option("--slowloris-piece", type=SIZE, default="8", show_default=True,
+              help="Largest piece slowloris sends at once.")
+@click.option("--slowloris-delay", type=click.FloatRange(0), default=0.01,
+              show_default=True, help="Seconds between slowloris pieces.")
 @one_line_errors
 def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
@@ -125,7 +142,9 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
           max_connections: int, handshake_timeout: float, shutdown_timeout: float,
           buffer_budget: int, shuffle_replies: bool, no_structured: bool, no_extended: bool,
           seed: int | None, fail_rules: tuple[str, ...],
-          lose_writes: float, stale_reads: float) -> None:
+          lose_writes: float, stale_reads: float, flood: float, tiny_chunks: float,
+          tiny_chunk_max: int, unrequested_context: float, slowloris: float,
+          slowloris_piece: int, slowloris_delay: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
     Prints the export's NBD URI on the first line of stdout once listening. Without
@@ -159,6 +178,14 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         export.faults.lose_writes(lose_writes)
     if stale_reads:
         export.faults.stale_reads(stale_reads)
+    if flood:
+        export.faults.flood(rate=flood)
+    if tiny_chunks:
+        export.faults.tiny_chunks(tiny_chunk_max, rate=tiny_chunks)
+    if unrequested_context:
+        export.faults.unrequested_context(rate=unrequested_context)
+    if slowloris:
+        export.faults.slowloris(slowloris_piece, slowloris_delay, rate=slowloris)
     server = NBDServer(export, structured=not no_structured, extended=not no_extended,
                        shuffle_replies=shuffle_replies, seed=seed,
                        tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),

@@ -234,6 +234,40 @@ def test_sigterm_is_a_clean_shutdown(tmp_path):
         proc.wait()
 
 
+def test_hostile_modes_that_real_clients_survive(tmp_path):
+    # Valid streams, only unusual: tiny chunks in random order, trickled bytes.  (A
+    # flood never ends: that is for clients with caps.)
+    with EmbeddedServer(tmp_path, "--memory", "4M", "--seed", "3", "--tiny-chunks", "1",
+                        "--tiny-chunk-max", "64", "--slowloris", "1", "--slowloris-delay",
+                        "0") as srv:
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5c 1M 8k",
+                              "-c", "read -P 0x5c 1M 8k", srv.uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "verification failed" not in out.stdout, out
+        lines = subprocess.run(["nbdinfo", "--map", srv.uri()], capture_output=True,
+                               text=True, timeout=120, check=True).stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["0", str(MiB), "3"], [str(MiB), "65536", "0"], [str(MiB + 65536),
+                                                         str(3 * MiB - 65536), "3"]]
+
+
+def test_unrequested_context_qemu_refuses_libnbd_accepts(tmp_path):
+    with EmbeddedServer(tmp_path, "--memory", "4M", "--unrequested-context", "1") as srv:
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4k", srv.uri()],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "server answered with different context 'qemu:evil'" in out.stderr
+        result = run_libnbd("""
+            h = nbd.NBD()
+            h.add_meta_context("base:allocation")
+            h.connect_uri(sys.argv[1])
+            print(json.dumps([h.can_meta_context("base:allocation"),
+                              h.can_meta_context("qemu:evil")]))
+            h.shutdown()
+        """, srv.uri())
+    assert result == [True, True]  # libnbd 1.14 takes what it was not offered
+
+
 # --- hostile clients over real sockets ---------------------------------------------------
 
 

@@ -107,6 +107,7 @@ class ServerNegotiator:
         self.max_options = max_options
         self.options_received = 0
         self.last_option: int | None = None  # the option answered most recently
+        self.last_export: str | None = None  # the export it named, if it named one
         self.tls_mode = tls
         self.offer_structured = structured
         self.offer_extended = extended and structured
@@ -210,7 +211,7 @@ class ServerNegotiator:
             self.options_received += 1
             if self.options_received > self.max_options:
                 raise ProtocolError(f"client sent more than {self.max_options} options")
-            self.last_option = option
+            self.last_option, self.last_export = option, None
             if length > MAX_OPTION_REQUEST:
                 skipped = min(length, len(self._inbox))
                 del self._inbox[:skipped]
@@ -258,6 +259,7 @@ class ServerNegotiator:
             offer = self.exports.get(self.default_export)
         if offer is None:
             raise _Reply(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        self.last_export = offer.name
         return offer
 
     def _flags(self, offer: ExportOffer) -> int:

@@ -41,9 +41,10 @@ never the server itself.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import random
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
 import trio
 from trio_util import AsyncValue
@@ -56,10 +57,13 @@ from ..protocol.constants import (
     ChunkType,
     Command,
     CommandFlag,
+    Option,
+    OptionReply,
     errno_to_wire,
 )
 from ..protocol.errors import ProtocolError
 from ..protocol.events import NEED_DATA, ClientAborted, ExportChosen, StartTLS
+from ..protocol.options import encode_option_reply, encode_rep_meta_context
 from ..protocol.server_negotiate import OptionAnswered, ServerNegotiator
 from ..protocol.wire import (
     Request,
@@ -78,7 +82,19 @@ from ..transport import Channel, TransportError
 from .backends import MAX_EXTENTS, FastZeroUnsupported, Segment
 from .config import ServerConfig, ServerCounters
 from .export import Export
-from .faults import Faults
+from .faults import (
+    FLOOD_COMMANDS,
+    FLOOD_OPTIONS,
+    Faults,
+    FloodRule,
+    R,
+    SlowlorisRule,
+    TinyChunksRule,
+    UnrequestedContextRule,
+    flood_chunks,
+    flood_option_replies,
+    trickle,
+)
 
 log = logging.getLogger("blockdrv.server")
 
@@ -89,12 +105,25 @@ REPLY_OVERHEAD = 8192
 """What a request without data is charged: headers, an error message."""
 BLOCK_STATUS_COST = MAX_EXTENTS * 16 + 64
 """What a block status reply may take per meta context (extended descriptors)."""
+FLOOD_BATCH = 64  # flood replies per send (and per checkpoint)
 _RANGELESS = (Command.FLUSH, Command.DISC)
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
 
 
+_ANSWERS = (OptionAnswered, ExportChosen, ClientAborted, StartTLS)  # an option answered
+
+
 class _Dropped(Exception):
     """Internal: a fault hook cut the connection."""
+
+
+class _Flood(Exception):
+    """Internal: the handshake ends in a flood (sent outside the handshake deadline)."""
+
+    def __init__(self, prefix: bytes, replies: Iterator[bytes]) -> None:
+        super().__init__("flood")
+        self.prefix = prefix
+        self.replies = replies
 
 
 class _Failure(Exception):
@@ -126,6 +155,7 @@ class ServerConnection:
         self._rng = random.Random(rng.randrange(1 << 32))
         self._scope = trio.CancelScope()  # the whole connection
         self._reading = trio.CancelScope()  # the request reader only
+        self._handshake_deadline = trio.CancelScope()  # replaced by run()
         self._handlers: dict[Command, Callable[[Request, bytearray | None],
                                                Awaitable[list[Chunk] | None]]] = {
             Command.READ: self._read,
@@ -167,9 +197,16 @@ class ServerConnection:
         """Serve the connection until the client leaves, breaks the rules, or we stop."""
         try:
             with self._scope:
+                chosen = flood = None
                 with trio.move_on_after(self.config.handshake_timeout) as deadline:
-                    chosen = await self._handshake()
-                if deadline.cancelled_caught:
+                    self._handshake_deadline = deadline
+                    try:
+                        chosen = await self._handshake()
+                    except _Flood as raised:
+                        flood = raised
+                if flood is not None:  # until the client goes away, however long
+                    await self._flood([flood.prefix], flood.replies)
+                elif deadline.cancelled_caught:
                     log.debug("connection %s: no handshake within %g s", self.peer,
                               self.config.handshake_timeout)
                 elif chosen is not None:
@@ -193,14 +230,17 @@ class ServerConnection:
         while True:
             try:
                 event = neg.next_event()
-            finally:
-                out = neg.data_to_send()
-                if out:
-                    await self.channel.send(out)
+            except ProtocolError:
+                await self.channel.send(neg.data_to_send())  # an error reply, maybe
+                raise
+            out = neg.data_to_send()
+            if isinstance(event, _ANSWERS):
+                await self._answer_option(neg, out)
+                await trio.lowlevel.checkpoint()  # however fast a client sends options
+            elif out:
+                await self.channel.send(out)  # the greeting
             if event is NEED_DATA:
                 neg.receive_data(await self.channel.receive_some())
-            elif isinstance(event, OptionAnswered):
-                await trio.lowlevel.checkpoint()  # however fast a client sends options
             elif isinstance(event, ExportChosen):
                 self.channel.unread(neg.leftover())
                 return event
@@ -209,6 +249,33 @@ class ServerConnection:
             elif isinstance(event, StartTLS):
                 await upgrade(self.channel, config.tls, server_side=True)
                 neg.tls_started()
+
+    async def _answer_option(self, neg: ServerNegotiator, out: bytes) -> None:
+        """Send the answer to the option just handled, as the hostile modes say."""
+        option = neg.last_option
+        assert option is not None
+        export = self.config.exports[neg.last_export or self.config.default_export]
+        hooks = [f for f in (self.faults, export.faults) if f.active]
+        if not hooks:
+            await self.channel.send(out)
+            return
+        ack = encode_option_reply(option, OptionReply.ACK)
+        answered = out.endswith(ack)  # not refused: the modes below make sense
+        first_id = max(neg.contexts, default=0) + 1
+        if answered and option in FLOOD_OPTIONS and \
+                _first(f.mode_for_option(FloodRule, option) for f in hooks):
+            raise _Flood(out[:-len(ack)], flood_option_replies(option, export.name,
+                                                               first_id))
+        if answered and option == Option.SET_META_CONTEXT:
+            evil = _first(f.mode_for_option(UnrequestedContextRule, option) for f in hooks)
+            if evil is not None:
+                out = encode_option_reply(option, OptionReply.META_CONTEXT,
+                                          encode_rep_meta_context(first_id, evil.name)) + out
+        slow = _first(f.mode_for_option(SlowlorisRule, option) for f in hooks)
+        if slow is not None:
+            await self._send_trickled([out], slow)
+        else:
+            await self.channel.send(out)
 
     # --- transmission -------------------------------------------------------------------
 
@@ -264,6 +331,17 @@ class ServerConnection:
             await held.wait_value(lambda value: value == 0 or value + cost <= budget)
         held.value += cost
 
+    def _request_mode(self, kind: type[R], request: Request) -> R | None:
+        """The rule of a hostile mode that fires for this request, if one does."""
+        assert self.export is not None
+        for faults in (self.export.faults, self.faults):
+            if faults.active:
+                rule = faults.mode_for_request(kind, Command(request.command),
+                                               request.offset, request.length)
+                if rule is not None:
+                    return rule
+        return None
+
     async def _wait_stall(self) -> None:
         assert self.export is not None
         for faults in (self.export.faults, self.faults):
@@ -275,6 +353,11 @@ class ServerConnection:
         counters = self.counters
         counters.requests_in_progress.value += 1
         try:
+            if request.command in FLOOD_COMMANDS and self.structured and \
+                    (self.contexts or request.command == Command.READ) and \
+                    self._request_mode(FloodRule, request):
+                await self._flood([], flood_chunks(request, extended=self.extended,
+                                                   context_id=min(self.contexts, default=0)))
             try:
                 chunks = await self._execute(request, payload)
             except _Failure as failure:
@@ -365,7 +448,10 @@ class ServerConnection:
                 return [[encode_none_chunk(cookie, extended=extended)]]
             return [[encode_data_chunk_header(cookie, request.offset, n, done=True,
                                               extended=extended), *data]]
-        if self.config.shuffle_replies:
+        tiny = self._request_mode(TinyChunksRule, request)
+        if tiny is not None:
+            segments = _tiny_segments(segments, tiny, self._rng)
+        elif self.config.shuffle_replies:
             segments = _split(segments, self._rng)
             self._rng.shuffle(segments)
         chunks: list[Chunk] = []
@@ -457,10 +543,32 @@ class ServerConnection:
                 cut = faults.reply_cut()
                 if cut is not None:
                     await self._send_cut(chunks, cut)
+        slow = self._request_mode(SlowlorisRule, request)
         for chunk in chunks:
             await self._wait_stall()
             async with self.send_lock:
-                await self.channel.send(*chunk)
+                if slow is not None:
+                    await self._send_trickled(chunk, slow)
+                else:
+                    await self.channel.send(*chunk)
+
+    async def _send_trickled(self, buffers: Iterable[bytes | bytearray | memoryview],
+                             rule: SlowlorisRule) -> None:
+        """Send ``buffers`` a few bytes at a time, ``rule.delay`` apart (slowloris)."""
+        for piece in trickle(buffers, rule.max_piece, self._rng):
+            await self.channel.send(piece)
+            await trio.sleep(rule.delay)
+            if self.export is None:  # our own delays do not count against the client
+                self._handshake_deadline.deadline += rule.delay
+
+    async def _flood(self, prefix: Buffers, replies: Iterator[bytes]) -> None:
+        """Send ``prefix``, then ``replies`` until the client goes away (TransportError);
+        made as they go, a batch at a time, with a checkpoint after each batch."""
+        async with self.send_lock:
+            await self.channel.send(*prefix)
+            while True:
+                await self.channel.send(b"".join(itertools.islice(replies, FLOOD_BATCH)))
+                await trio.lowlevel.checkpoint()
 
     async def _send_cut(self, chunks: list[Chunk], cut: int) -> None:
         data = b"".join(b for chunk in chunks for b in chunk)
@@ -492,6 +600,29 @@ def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
             head, tail = _cut_views(views, cut)
             out += [(at, cut, head), (at + cut, n - cut, tail)]
     return out
+
+
+def _tiny_segments(segments: list[Segment], rule: TinyChunksRule,
+                   rng: random.Random) -> list[Segment]:
+    """Segments cut into pieces of the rule's sizes, shuffled (tiny-chunks)."""
+    out: list[Segment] = []
+    for at, n, views in segments:
+        end = at + n
+        while at < end:
+            size = min(rule.piece_size(rng), end - at)
+            if views is None:
+                out.append((at, size, None))
+            else:
+                head, views = _cut_views(views, size)
+                out.append((at, size, head))
+            at += size
+    rng.shuffle(out)
+    return out
+
+
+def _first(rules: Iterable[R | None]) -> R | None:
+    """The first rule that is not None (the iterable is consumed only so far)."""
+    return next((rule for rule in rules if rule is not None), None)
 
 
 def _cut_views(views: Sequence[memoryview], cut: int) -> tuple[list[memoryview],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterator, Protocol
 
 import trio
 import trio.testing
@@ -19,6 +19,7 @@ from blockdrv.protocol import ReadData, ReadHole
 from blockdrv.server import Backend, FileBackend, MemoryBackend, NBDServer
 from blockdrv.server.connection import ServerConnection
 from support.client import AsyncClient
+from support.raw import RawClient
 
 MiB = 1024 * 1024
 
@@ -53,22 +54,42 @@ class ServerRig:
         self.server = server
         self.nursery = nursery
         self.connection_of: dict[int, ServerConnection] = {}  # by id() of the client
+        self._known: set[ServerConnection] = set()
 
     async def connect(self, negotiate: bool = True, *, lockstep: bool = False,
                       **negotiate_args: object) -> AsyncClient:
-        pair = trio.testing.lockstep_stream_pair if lockstep \
-            else trio.testing.memory_stream_pair
-        client_side, server_side = pair()
-        known = set(self.server.connections)
-        self.nursery.start_soon(self.server.handle_stream, server_side)
-        await trio.testing.wait_all_tasks_blocked()  # the server has taken it (or not)
+        client_side = await self._start(lockstep, None)
         client = AsyncClient(client_side)
-        new = self.server.connections - known
-        if new:
-            (self.connection_of[id(client)],) = new
+        self._name(client)
         if negotiate:
             await client.negotiate(**negotiate_args)
         return client
+
+    async def raw(self, *, lockstep: bool = False,
+                  wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None
+                  ) -> RawClient:
+        """A raw client (nothing sent yet); ``wrap`` wraps the server's side."""
+        client_side = await self._start(lockstep, wrap)
+        client = RawClient(client_side, client_side)
+        self._name(client)
+        return client
+
+    async def _start(self, lockstep: bool,
+                     wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None
+                     ) -> trio.abc.Stream:
+        pair = trio.testing.lockstep_stream_pair if lockstep \
+            else trio.testing.memory_stream_pair
+        client_side, server_side = pair()
+        self._known = set(self.server.connections)
+        self.nursery.start_soon(self.server.handle_stream,
+                                server_side if wrap is None else wrap(server_side))
+        await trio.testing.wait_all_tasks_blocked()  # the server has taken it (or not)
+        return client_side
+
+    def _name(self, client: object) -> None:
+        new = self.server.connections - self._known
+        if new:
+            (self.connection_of[id(client)],) = new
 
 
 @asynccontextmanager
