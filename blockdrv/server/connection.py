@@ -5,23 +5,31 @@ Theory of operation
 The handshake runs through the sans-IO :class:`ServerNegotiator`, one option at a time
 (each answer is sent before the next option is looked at), under a deadline
 (``handshake_timeout``) that covers a TLS upgrade too.  Then a reader loop takes
-requests off the stream one at a time (the header, then a WRITE's payload) and starts a
-task for each in the connection's nursery: requests of one connection are processed
-concurrently and their replies leave in the order they finish.
+requests off the stream one at a time (the header, then a WRITE's payload).  A request
+on a backend that never waits (memory) is executed right there, when no fault hook is
+active; any other gets a task of its own in the connection's nursery, so requests of a
+connection are processed concurrently.  Either way the reply is queued with the
+connection's :class:`~blockdrv.server.writer.ReplyWriter`, the one task that writes
+replies: they leave in the order they were finished, many in one ``sendmsg`` under
+load, and nobody waits for anybody else's send.
 
 Two limits keep a fast or hostile client from making the server hold without end: a
 count of requests in progress (``max_requests``) and a budget of bytes held
-(``buffer_budget``, a ``trio_util.AsyncValue`` the reader waits on).  Every request is
-charged what it may make us hold (a WRITE its payload, a READ its data, a block status
-its extents, anything else a small overhead) as soon as its header is read, before its
-payload is read or it is executed, and released when its reply has left.  When either
-limit is full the reader stops reading and TCP flow control pushes back on the client,
-so a client that sends READs and never reads the replies holds at most the budget.
+(``buffer_budget``).  Every request is charged what it may make us hold (a WRITE its
+payload, a READ its data, a block status its extents, anything else a small overhead)
+as soon as its header is read, before its payload is read or it is executed, and
+released when its reply has left the writer.  When either limit is full the reader stops
+reading (it waits on an event the writer sets) and TCP flow control pushes back on the
+client, so a client that sends READs and never reads the replies holds at most the
+budget.  The reader checkpoints every few requests, since reading from a full
+read-ahead buffer does not.
 
-Replies are written under ``send_lock`` one chunk at a time: chunks of different replies
-may interleave, as the spec allows, but never mix.  With ``shuffle_replies`` each reply
-first waits a random number of scheduler turns and READ replies are cut into several
-chunks sent in random order, so clients' reply hand-off and reassembly get exercised.
+A structured READ reply is its data and hole chunks, the last flagged DONE (no NONE
+chunk after it).  Chunks of different replies may interleave, as the spec allows, but
+never mix.  With ``shuffle_replies`` each reply first waits a random number of scheduler
+turns, READ replies are cut into several chunks sent in random order, and each chunk is
+queued on its own so chunks of different replies interleave: clients' reply hand-off and
+reassembly get exercised.
 
 Every request is checked the way the spec's "Error values" section asks (unknown command
 or flag, unaligned, out of range, too long, read-only, no meta context) and answered with
@@ -41,13 +49,13 @@ never the server itself.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import random
 from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
 import trio
-from trio_util import AsyncValue
 
 from ..protocol.constants import (
     ALLOWED_COMMAND_FLAGS,
@@ -95,18 +103,24 @@ from .faults import (
     flood_option_replies,
     trickle,
 )
+from .writer import MAX_SEND_BUFFERS, Buffers, ReplyWriter
 
 log = logging.getLogger("blockdrv.server")
 
-Buffers = list["bytes | bytearray | memoryview"]
 Chunk = Buffers  # the buffers of one chunk (or simple reply), sent together
+Hooks = tuple[Faults, ...]  # the fault hooks active for a request (usually none)
 
 REPLY_OVERHEAD = 8192
 """What a request without data is charged: headers, an error message."""
 BLOCK_STATUS_COST = MAX_EXTENTS * 16 + 64
 """What a block status reply may take per meta context (extended descriptors)."""
 FLOOD_BATCH = 64  # flood replies per send (and per checkpoint)
+CHECKPOINT_EVERY = 16  # requests read between two checkpoints of the reader
 _RANGELESS = (Command.FLUSH, Command.DISC)
+_COMMANDS = {int(command): command for command in ALLOWED_COMMAND_FLAGS}  # served ones
+_NOT_ALLOWED = {command: ~int(flags) for command, flags in ALLOWED_COMMAND_FLAGS.items()}
+_DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
+
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
 
 
@@ -150,13 +164,15 @@ class ServerConnection:
         self.structured = self.extended = False
         self.contexts: dict[int, str] = {}
         self.requests = 0
-        self.held = AsyncValue(0)  # bytes charged to requests in progress (the budget)
-        self.send_lock = trio.Lock()
+        self.held = 0  # bytes charged to the requests in progress (the budget)
+        self.running = 0  # requests in progress
+        self._room: trio.Event | None = None  # set when a request ends, if intake waits
+        self.writer = ReplyWriter(self.channel)  # writes every reply (transmission)
         self._rng = random.Random(rng.randrange(1 << 32))
         self._scope = trio.CancelScope()  # the whole connection
         self._reading = trio.CancelScope()  # the request reader only
         self._handshake_deadline = trio.CancelScope()  # replaced by run()
-        self._handlers: dict[Command, Callable[[Request, bytearray | None],
+        self._handlers: dict[Command, Callable[[Request, bytearray | None, Hooks],
                                                Awaitable[list[Chunk] | None]]] = {
             Command.READ: self._read,
             Command.WRITE: self._write,
@@ -170,7 +186,7 @@ class ServerConnection:
     def __repr__(self) -> str:
         name = self.export.name if self.export else None
         return (f"<ServerConnection {self.peer} export={name!r} requests={self.requests} "
-                f"held={self.held.value}>")
+                f"held={self.held}>")
 
     @property
     def handshaking(self) -> bool:
@@ -283,29 +299,52 @@ class ServerConnection:
         self.export = export = self.config.exports[chosen.name]
         self.structured, self.extended = chosen.structured, chosen.extended
         self.contexts = chosen.contexts
-        header_size = request_size(self.extended)
-        in_progress = trio.Semaphore(self.config.max_requests)
-        async with trio.open_nursery() as nursery:
-            with self._reading:
-                while True:
-                    await in_progress.acquire()
-                    await self._wait_stall()
-                    header = await self.channel.receive_exactly(header_size)
-                    request = decode_request(header, extended=self.extended)
-                    cost = self._cost(request)
-                    await self._charge(cost)
-                    payload = None
-                    if request.command == Command.WRITE:
-                        payload = bytearray(request.length)
-                        await self.channel.receive_into(memoryview(payload))
-                    self.requests += 1
-                    for faults in (export.faults, self.faults):
-                        if faults.active and faults.request_arrived():
-                            self.channel.shutdown()
-                            raise _Dropped("fault hook: connection dropped after a request")
-                    if request.command == Command.DISC:
-                        break
-                    nursery.start_soon(self._serve, request, payload, cost, in_progress)
+        async with trio.open_nursery() as writing:
+            writing.start_soon(self.writer.run)
+            try:
+                async with trio.open_nursery() as nursery:
+                    with self._reading:
+                        await self._read_requests(export, nursery)
+            finally:
+                self.writer.close()  # run() returns once every reply has left
+
+    async def _read_requests(self, export: Export, nursery: trio.Nursery) -> None:
+        """The reader loop: requests in, each executed inline (a backend that never
+        blocks, no hooks) or in a task of its own."""
+        header_size, extended = request_size(self.extended), self.extended
+        max_requests, budget = self.config.max_requests, self.config.buffer_budget
+        immediate = export.backend.immediate and not self.config.shuffle_replies
+        while True:
+            if export.faults.active or self.faults.active:
+                await self._wait_stall()
+            header = await self.channel.receive_exactly(header_size)
+            request = decode_request(header, extended=extended)
+            cost = self._cost(request)
+            if self.running >= max_requests or (self.held and self.held + cost > budget):
+                await self._wait_for_room(cost)
+            self.running += 1
+            self.held += cost
+            payload = None
+            if request.command == Command.WRITE:
+                payload = bytearray(request.length)
+                await self.channel.receive_into(memoryview(payload))
+            self.requests += 1
+            if export.faults.active or self.faults.active:
+                for faults in (export.faults, self.faults):
+                    if faults.active and faults.request_arrived():
+                        self.channel.shutdown()
+                        raise _Dropped("fault hook: connection dropped after a request")
+            elif immediate and request.command != Command.DISC:
+                await self._serve(request, payload, cost)  # no task: nothing will wait
+                continue
+            if request.command == Command.DISC:
+                self._sent(cost)
+                return
+            nursery.start_soon(self._serve, request, payload, cost)
+            if not self.requests % CHECKPOINT_EVERY:
+                # Reads from the read-ahead buffer do not yield: a client that keeps it
+                # full must not keep the rest of the server waiting.
+                await trio.lowlevel.checkpoint()
 
     def _cost(self, request: Request) -> int:
         """Bytes a request may make us hold until its reply has left (the budget's
@@ -323,13 +362,14 @@ class ServerConnection:
             return REPLY_OVERHEAD + len(self.contexts) * BLOCK_STATUS_COST
         return REPLY_OVERHEAD
 
-    async def _charge(self, cost: int) -> None:
-        """Take ``cost`` bytes of the budget, waiting (not reading) while they do not
-        fit; a request alone always fits."""
-        held, budget = self.held, self.config.buffer_budget
-        if held.value and held.value + cost > budget:
-            await held.wait_value(lambda value: value == 0 or value + cost <= budget)
-        held.value += cost
+    async def _wait_for_room(self, cost: int) -> None:
+        """Wait (not reading requests) until one more request of ``cost`` bytes fits
+        the request count and the budget; a request alone always fits."""
+        max_requests, budget = self.config.max_requests, self.config.buffer_budget
+        while self.running >= max_requests or (self.held and self.held + cost > budget):
+            self._room = trio.Event()
+            await self._room.wait()
+        self._room = None
 
     def _request_mode(self, kind: type[R], request: Request) -> R | None:
         """The rule of a hostile mode that fires for this request, if one does."""
@@ -348,47 +388,70 @@ class ServerConnection:
             if faults.active:
                 await faults.wait_stall()
 
-    async def _serve(self, request: Request, payload: bytearray | None, cost: int,
-                     in_progress: trio.Semaphore) -> None:
-        counters = self.counters
-        counters.requests_in_progress.value += 1
+    def _hooks(self) -> Hooks:
+        """The fault hooks active now (of the export and of this connection)."""
+        assert self.export is not None
+        if not (self.export.faults.active or self.faults.active):
+            return ()
+        return tuple(f for f in (self.export.faults, self.faults) if f.active)
+
+    async def _serve(self, request: Request, payload: bytearray | None, cost: int) -> None:
+        """Execute a request and queue its reply; what it was charged is released once
+        the reply has left (:meth:`_sent`)."""
+        self.counters.requests_in_progress.value += 1
+        queued = False
         try:
-            if request.command in FLOOD_COMMANDS and self.structured and \
+            hooks = self._hooks()
+            if hooks and request.command in FLOOD_COMMANDS and self.structured and \
                     (self.contexts or request.command == Command.READ) and \
                     self._request_mode(FloodRule, request):
-                await self._flood([], flood_chunks(request, extended=self.extended,
-                                                   context_id=min(self.contexts, default=0)))
+                replies = flood_chunks(request, extended=self.extended,
+                                       context_id=min(self.contexts, default=0))
+                self.writer.run_exclusive(functools.partial(self._flood, [], replies))
+                return  # never answered: the flood ends with the connection
             try:
-                chunks = await self._execute(request, payload)
+                chunks = await self._execute(request, payload, hooks)
             except _Failure as failure:
                 chunks = [self._error_chunk(request, failure.code, failure.message)]
             if chunks is None:
                 chunks = [self._ok_chunk(request)]
             del payload  # stored: only the reply is held now
-            await self._send_reply(request, chunks)
-            counters.requests_served += 1
+            sent = functools.partial(self._sent, cost)
+            hooks = self._hooks()  # hooks set while the request ran apply to its reply
+            if hooks or self.config.shuffle_replies:
+                await self._queue_with_hooks(request, chunks, hooks, sent)
+            else:
+                self.writer.send(chunks[0] if len(chunks) == 1 else
+                                 [b for chunk in chunks for b in chunk], sent)
+            queued = True
         finally:
-            counters.requests_in_progress.value -= 1
-            in_progress.release()
-            self.held.value -= cost
+            if not queued:
+                self._sent(cost)
 
-    async def _execute(self, request: Request,
-                       payload: bytearray | None) -> list[Chunk] | None:
-        export = self.export
-        assert export is not None
+    def _sent(self, cost: int) -> None:
+        """A request's reply has left (or never will): release what it was charged."""
+        counters = self.counters
+        counters.requests_in_progress.value -= 1
+        counters.requests_served += 1
+        self.running -= 1
+        self.held -= cost
+        if self._room is not None:
+            self._room.set()
+
+    async def _execute(self, request: Request, payload: bytearray | None,
+                       hooks: Hooks) -> list[Chunk] | None:
         command = self._check(request)
-        for faults in (export.faults, self.faults):
-            if faults.active:
-                delay = faults.delay_for(command)
-                if delay:
-                    await trio.sleep(delay)
-                code = faults.failure_for(command, request.offset, request.length)
-                if code is not None:
-                    raise _Failure(code, "injected fault")
-                if command in (Command.WRITE, Command.WRITE_ZEROES) and faults.lose_write():
-                    return None
+        for faults in hooks:
+            delay = faults.delay_for(command)
+            if delay:
+                await trio.sleep(delay)
+            code = faults.failure_for(command, request.offset, request.length)
+            if code is not None:
+                raise _Failure(code, "injected fault")
+            if command in (Command.WRITE, Command.WRITE_ZEROES) and faults.lose_write():
+                return None
         try:
-            return await self._handlers[command](request, payload)
+            return await self._handlers[command](request, payload, hooks)
         except FastZeroUnsupported:
             raise _Failure(errno.ENOTSUP, "fast zero is not possible here") from None
         except OSError as exc:
@@ -398,15 +461,13 @@ class ServerConnection:
         """The spec's checks on a request; raises _Failure with the errno to send."""
         export = self.export
         assert export is not None
-        try:
-            command = Command(request.command)
-            allowed = ALLOWED_COMMAND_FLAGS[command]
-        except (ValueError, KeyError):
-            raise _Failure(errno.EINVAL, f"unknown command {request.command}") from None
+        command = _COMMANDS.get(request.command)
+        if command is None:
+            raise _Failure(errno.EINVAL, f"unknown command {request.command}")
         flags, offset, length = request.flags, request.offset, request.length
-        if flags & ~allowed:
+        if flags & _NOT_ALLOWED[command]:
             raise _Failure(errno.EINVAL, "flag not valid for this command")
-        if flags & CommandFlag.DF and not self.structured:
+        if flags & _DF and not self.structured:
             raise _Failure(errno.EINVAL, "DF needs structured replies")
         if command in WRITING_COMMANDS and export.read_only:
             raise _Failure(errno.EPERM, "the export is read-only")
@@ -430,16 +491,17 @@ class ServerConnection:
 
     # --- commands (each returns the reply's chunks, or None for a plain success) -----------
 
-    async def _read(self, request: Request, payload: bytearray | None) -> list[Chunk]:
+    async def _read(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> list[Chunk]:
         assert self.export is not None
         segments = await self.export.backend.read(request.offset, request.length)
         cookie, extended = request.cookie, self.extended
-        for faults in (self.export.faults, self.faults):
-            if faults.active and faults.serve_stale():
+        for faults in hooks:
+            if faults.serve_stale():
                 flat = bytearray().join(_flatten(segments))
                 if faults.overlay_stale(request.offset, flat):
                     segments = [(request.offset, len(flat), [memoryview(flat)])]
-        if not self.structured or request.flags & CommandFlag.DF:
+        if not self.structured or request.flags & _DF:
             data = _flatten(segments)
             if not self.structured:
                 return [[encode_simple_reply(cookie), *data]]
@@ -448,49 +510,56 @@ class ServerConnection:
                 return [[encode_none_chunk(cookie, extended=extended)]]
             return [[encode_data_chunk_header(cookie, request.offset, n, done=True,
                                               extended=extended), *data]]
-        tiny = self._request_mode(TinyChunksRule, request)
+        tiny = self._request_mode(TinyChunksRule, request) if hooks else None
         if tiny is not None:
             segments = _tiny_segments(segments, tiny, self._rng)
         elif self.config.shuffle_replies:
             segments = _split(segments, self._rng)
             self._rng.shuffle(segments)
+        if not segments:
+            return [[encode_none_chunk(cookie, extended=extended)]]
+        last = len(segments) - 1  # DONE rides on the last chunk: no NONE chunk after it
         chunks: list[Chunk] = []
-        for at, n, views in segments:
+        for i, (at, n, views) in enumerate(segments):
             if views is None:
-                chunks.append([encode_hole_chunk(cookie, at, n, done=False,
+                chunks.append([encode_hole_chunk(cookie, at, n, done=i == last,
                                                  extended=extended)])
             else:
-                chunks.append([encode_data_chunk_header(cookie, at, n, done=False,
+                chunks.append([encode_data_chunk_header(cookie, at, n, done=i == last,
                                                         extended=extended), *views])
-        chunks.append([encode_none_chunk(cookie, extended=extended)])
         return chunks
 
-    async def _write(self, request: Request, payload: bytearray | None) -> None:
+    async def _write(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None and payload is not None
         old: bytes | None = None  # read once, even when both hooks want it
-        for faults in (self.export.faults, self.faults):
-            if faults.active and faults.stale_rate:
+        for faults in hooks:
+            if faults.stale_rate:
                 if old is None:
                     segments = await self.export.backend.read(request.offset, request.length)
                     old = b"".join(_flatten(segments))
                 faults.remember(request.offset, old)
         await self.export.backend.write(request.offset, payload,
-                                        fua=bool(request.flags & CommandFlag.FUA))
+                                        fua=bool(request.flags & _FUA))
 
-    async def _flush(self, request: Request, payload: bytearray | None) -> None:
+    async def _flush(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.flush()
 
-    async def _trim(self, request: Request, payload: bytearray | None) -> None:
+    async def _trim(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.trim(request.offset, request.length,
-                                       fua=bool(request.flags & CommandFlag.FUA))
+                                       fua=bool(request.flags & _FUA))
 
-    async def _cache(self, request: Request, payload: bytearray | None) -> None:
+    async def _cache(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.cache(request.offset, request.length)
 
-    async def _zero(self, request: Request, payload: bytearray | None) -> None:
+    async def _zero(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> None:
         assert self.export is not None
         flags = request.flags
         await self.export.backend.zero(request.offset, request.length,
@@ -498,8 +567,8 @@ class ServerConnection:
                                        fast=bool(flags & CommandFlag.FAST_ZERO),
                                        fua=bool(flags & CommandFlag.FUA))
 
-    async def _block_status(self, request: Request,
-                            payload: bytearray | None) -> list[Chunk]:
+    async def _block_status(self, request: Request, payload: bytearray | None,
+                            hooks: Hooks) -> list[Chunk]:
         assert self.export is not None
         export = self.export
         extents = await export.backend.block_status(request.offset, request.length)
@@ -508,11 +577,12 @@ class ServerConnection:
         if request.flags & CommandFlag.REQ_ONE:
             extents = extents[:1]
         chunks: list[Chunk] = []
-        for context_id, name in self.contexts.items():
+        last = len(self.contexts)
+        for i, (context_id, name) in enumerate(self.contexts.items(), start=1):
             status = extents if name == BASE_ALLOCATION else [(request.length, 0)]
             chunks.append([encode_block_status_chunk(request.cookie, context_id, status,
-                                                     done=False, extended=self.extended)])
-        chunks.append([encode_none_chunk(request.cookie, extended=self.extended)])
+                                                     done=i == last,
+                                                     extended=self.extended)])
         return chunks
 
     # --- replies --------------------------------------------------------------------
@@ -529,28 +599,38 @@ class ServerConnection:
                                        extended=self.extended)]
         return [encode_simple_reply(request.cookie, wire)]
 
-    async def _send_reply(self, request: Request, chunks: list[Chunk]) -> None:
-        export = self.export
-        assert export is not None
-        if self.config.shuffle_replies:
+    async def _queue_with_hooks(self, request: Request, chunks: list[Chunk],
+                                hooks: Hooks, sent: Callable[[], None]) -> None:
+        """Queue a reply chunk by chunk, as shuffling and the fault hooks say."""
+        shuffle = self.config.shuffle_replies
+        if shuffle:
             for _ in range(self._rng.randrange(8)):
                 await trio.lowlevel.checkpoint()
-        for faults in (export.faults, self.faults):
-            if faults.active:
-                kind = faults.malform()
-                if kind is not None:
-                    chunks = _malform(chunks, kind, request, self.extended)
-                cut = faults.reply_cut()
-                if cut is not None:
-                    await self._send_cut(chunks, cut)
-        slow = self._request_mode(SlowlorisRule, request)
-        for chunk in chunks:
-            await self._wait_stall()
-            async with self.send_lock:
-                if slow is not None:
-                    await self._send_trickled(chunk, slow)
-                else:
-                    await self.channel.send(*chunk)
+        for faults in hooks:
+            kind = faults.malform()
+            if kind is not None:
+                chunks = _malform(chunks, kind, request, self.extended)
+            cut = faults.reply_cut()
+            if cut is not None:
+                self.writer.run_exclusive(functools.partial(self._send_cut, chunks, cut))
+                return
+        slow = self._request_mode(SlowlorisRule, request) if hooks else None
+        last = len(chunks) - 1
+        for i, chunk in enumerate(chunks):
+            if shuffle and i:  # let other replies' chunks in between
+                for _ in range(self._rng.randrange(3)):
+                    await trio.lowlevel.checkpoint()
+            self.writer.run_exclusive(functools.partial(self._send_chunk, chunk, slow),
+                                      sent if i == last else None)
+
+    async def _send_chunk(self, chunk: Chunk, slow: SlowlorisRule | None) -> None:
+        """One chunk, after any stall, trickled if slowloris says so (a writer action)."""
+        await self._wait_stall()
+        if slow is not None:
+            await self._send_trickled(chunk, slow)
+        else:
+            for i in range(0, len(chunk), MAX_SEND_BUFFERS):
+                await self.channel.send(*chunk[i:i + MAX_SEND_BUFFERS])
 
     async def _send_trickled(self, buffers: Iterable[bytes | bytearray | memoryview],
                              rule: SlowlorisRule) -> None:
@@ -564,17 +644,15 @@ class ServerConnection:
     async def _flood(self, prefix: Buffers, replies: Iterator[bytes]) -> None:
         """Send ``prefix``, then ``replies`` until the client goes away (TransportError);
         made as they go, a batch at a time, with a checkpoint after each batch."""
-        async with self.send_lock:
-            await self.channel.send(*prefix)
-            while True:
-                await self.channel.send(b"".join(itertools.islice(replies, FLOOD_BATCH)))
-                await trio.lowlevel.checkpoint()
+        await self.channel.send(*prefix)
+        while True:
+            await self.channel.send(b"".join(itertools.islice(replies, FLOOD_BATCH)))
+            await trio.lowlevel.checkpoint()
 
     async def _send_cut(self, chunks: list[Chunk], cut: int) -> None:
         data = b"".join(b for chunk in chunks for b in chunk)
-        async with self.send_lock:
-            await self.channel.send(data[:cut])
-            self.channel.shutdown()
+        await self.channel.send(data[:cut])
+        self.channel.shutdown()
         raise _Dropped(f"fault hook: reply cut after {cut} bytes")
 
 

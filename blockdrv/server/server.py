@@ -172,7 +172,7 @@ class NBDServer:
             connections_served=self.counters.connections_served,
             connections_refused=self.connections_refused,
             requests_served=self.counters.requests_served,
-            bytes_held=sum(c.held.value for c in self.connections))
+            bytes_held=sum(c.held for c in self.connections))
 
     # --- serving ----------------------------------------------------------------------
 
