@@ -267,9 +267,10 @@ async def test_shutdown_gives_up_on_a_client_that_reads_no_replies(autojump_cloc
             await listener.send.send(server_side)
             client = AsyncClient(client_side)
             await client.negotiate()
+            await client.pwrite(b"d" * MiB, 0)
             await client.send(Command.READ, 0, MiB)  # its reply is never read
-            await server.requests_in_progress.wait_value(1)
             await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics().bytes_held == MiB  # the reply, waiting to leave
             start = trio.current_time()
             server.shutdown()
             await served.wait()

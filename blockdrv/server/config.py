@@ -67,4 +67,7 @@ class ServerCounters:
 
     connections_served: int = 0
     requests_served: int = 0
+    #: Requests executing in a task of their own (a backend that waits, a fault hook),
+    #: until their reply is queued; requests a memory backend answers at once are not
+    #: counted.  Awaitable (``wait_value``).
     requests_in_progress: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))

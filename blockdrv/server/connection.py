@@ -115,7 +115,7 @@ REPLY_OVERHEAD = 8192
 BLOCK_STATUS_COST = MAX_EXTENTS * 16 + 64
 """What a block status reply may take per meta context (extended descriptors)."""
 FLOOD_BATCH = 64  # flood replies per send (and per checkpoint)
-CHECKPOINT_EVERY = 16  # requests read between two checkpoints of the reader
+CHECKPOINT_EVERY = 64  # requests read between two checkpoints of the reader (at most)
 _RANGELESS = (Command.FLUSH, Command.DISC)
 _COMMANDS = {int(command): command for command in ALLOWED_COMMAND_FLAGS}  # served ones
 _NOT_ALLOWED = {command: ~int(flags) for command, flags in ALLOWED_COMMAND_FLAGS.items()}
@@ -167,7 +167,7 @@ class ServerConnection:
         self.held = 0  # bytes charged to the requests in progress (the budget)
         self.running = 0  # requests in progress
         self._room: trio.Event | None = None  # set when a request ends, if intake waits
-        self.writer = ReplyWriter(self.channel)  # writes every reply (transmission)
+        self.writer = ReplyWriter(self.channel, self._sent)  # every reply (transmission)
         self._rng = random.Random(rng.randrange(1 << 32))
         self._scope = trio.CancelScope()  # the whole connection
         self._reading = trio.CancelScope()  # the request reader only
@@ -329,18 +329,17 @@ class ServerConnection:
                 payload = bytearray(request.length)
                 await self.channel.receive_into(memoryview(payload))
             self.requests += 1
-            if export.faults.active or self.faults.active:
-                for faults in (export.faults, self.faults):
-                    if faults.active and faults.request_arrived():
-                        self.channel.shutdown()
-                        raise _Dropped("fault hook: connection dropped after a request")
-            elif immediate and request.command != Command.DISC:
-                await self._serve(request, payload, cost)  # no task: nothing will wait
-                continue
+            for faults in (export.faults, self.faults):
+                if faults.active and faults.request_arrived():
+                    self.channel.shutdown()
+                    raise _Dropped("fault hook: connection dropped after a request")
             if request.command == Command.DISC:
                 self._sent(cost)
                 return
-            nursery.start_soon(self._serve, request, payload, cost)
+            if immediate and not (export.faults.active or self.faults.active):
+                await self._answer(request, payload, cost)  # no task: nothing will wait
+            else:
+                nursery.start_soon(self._serve, request, payload, cost)
             if not self.requests % CHECKPOINT_EVERY:
                 # Reads from the read-ahead buffer do not yield: a client that keeps it
                 # full must not keep the rest of the server waiting.
@@ -396,9 +395,18 @@ class ServerConnection:
         return tuple(f for f in (self.export.faults, self.faults) if f.active)
 
     async def _serve(self, request: Request, payload: bytearray | None, cost: int) -> None:
+        """:meth:`_answer` in a task of its own, counted in ``requests_in_progress``
+        until its reply is queued."""
+        in_progress = self.counters.requests_in_progress
+        in_progress.value += 1
+        try:
+            await self._answer(request, payload, cost)
+        finally:
+            in_progress.value -= 1
+
+    async def _answer(self, request: Request, payload: bytearray | None, cost: int) -> None:
         """Execute a request and queue its reply; what it was charged is released once
         the reply has left (:meth:`_sent`)."""
-        self.counters.requests_in_progress.value += 1
         queued = False
         try:
             hooks = self._hooks()
@@ -416,13 +424,12 @@ class ServerConnection:
             if chunks is None:
                 chunks = [self._ok_chunk(request)]
             del payload  # stored: only the reply is held now
-            sent = functools.partial(self._sent, cost)
             hooks = self._hooks()  # hooks set while the request ran apply to its reply
             if hooks or self.config.shuffle_replies:
-                await self._queue_with_hooks(request, chunks, hooks, sent)
+                await self._queue_with_hooks(request, chunks, hooks, cost)
             else:
                 self.writer.send(chunks[0] if len(chunks) == 1 else
-                                 [b for chunk in chunks for b in chunk], sent)
+                                 [b for chunk in chunks for b in chunk], cost)
             queued = True
         finally:
             if not queued:
@@ -430,9 +437,7 @@ class ServerConnection:
 
     def _sent(self, cost: int) -> None:
         """A request's reply has left (or never will): release what it was charged."""
-        counters = self.counters
-        counters.requests_in_progress.value -= 1
-        counters.requests_served += 1
+        self.counters.requests_served += 1
         self.running -= 1
         self.held -= cost
         if self._room is not None:
@@ -600,7 +605,7 @@ class ServerConnection:
         return [encode_simple_reply(request.cookie, wire)]
 
     async def _queue_with_hooks(self, request: Request, chunks: list[Chunk],
-                                hooks: Hooks, sent: Callable[[], None]) -> None:
+                                hooks: Hooks, cost: int) -> None:
         """Queue a reply chunk by chunk, as shuffling and the fault hooks say."""
         shuffle = self.config.shuffle_replies
         if shuffle:
@@ -612,7 +617,8 @@ class ServerConnection:
                 chunks = _malform(chunks, kind, request, self.extended)
             cut = faults.reply_cut()
             if cut is not None:
-                self.writer.run_exclusive(functools.partial(self._send_cut, chunks, cut))
+                self.writer.run_exclusive(functools.partial(self._send_cut, chunks, cut),
+                                          cost)
                 return
         slow = self._request_mode(SlowlorisRule, request) if hooks else None
         last = len(chunks) - 1
@@ -621,7 +627,7 @@ class ServerConnection:
                 for _ in range(self._rng.randrange(3)):
                     await trio.lowlevel.checkpoint()
             self.writer.run_exclusive(functools.partial(self._send_chunk, chunk, slow),
-                                      sent if i == last else None)
+                                      cost if i == last else None)
 
     async def _send_chunk(self, chunk: Chunk, slow: SlowlorisRule | None) -> None:
         """One chunk, after any stall, trickled if slowloris says so (a writer action)."""

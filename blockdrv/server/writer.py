@@ -11,8 +11,9 @@ buffers, and hands it to the kernel in one scatter-gather ``sendmsg``: under loa
 many replies leave in one system call, and no task ever waits for a lock to send.
 
 Each message is written whole before the next starts, so messages never mix; the
-order is the order they were queued.  A message's ``sent`` callback runs once its last
-byte went out (that is when the connection releases what the request was charged).
+order is the order they were queued.  Once a message's last byte went out, the
+writer's ``sent`` callback gets the message's token (the connection releases what the
+request was charged: the token is the charge).
 Hooks that must own the stream for a while (fault injection: trickled or cut replies,
 floods, stalls) queue an *action* instead: an async callable the writer runs in turn,
 with nothing else written meanwhile.
@@ -42,15 +43,16 @@ MAX_SEND_BUFFERS = 512
 class _Item(NamedTuple):
     buffers: Buffers  # a message, or [] with an action
     action: Action | None
-    sent: Callable[[], None] | None
+    token: int | None  # handed to ``sent`` once written
 
 
 class ReplyWriter:
     """Writes queued messages and actions to one channel, in order (see the module
     docstring)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, sent: Callable[[int], None]) -> None:
         self.channel = channel
+        self._sent = sent
         self._queue: collections.deque[_Item] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()  # the writer, when there is nothing to do
         self._closed = False
@@ -64,15 +66,17 @@ class ReplyWriter:
         """Messages and actions waiting to be written."""
         return len(self._queue)
 
-    def send(self, buffers: Buffers, sent: Callable[[], None] | None = None) -> None:
-        """Queue one message (its buffers are written together, in order)."""
-        self._queue.append(_Item(buffers, None, sent))
+    def send(self, buffers: Buffers, token: int | None = None) -> None:
+        """Queue one message (its buffers are written together, in order); once it is
+        written, ``sent(token)`` is called unless the token is None."""
+        self._queue.append(_Item(buffers, None, token))
         if self._lot:
             self._lot.unpark()
 
-    def run_exclusive(self, action: Action, sent: Callable[[], None] | None = None) -> None:
-        """Queue an action that has the stream to itself while it runs."""
-        self._queue.append(_Item([], action, sent))
+    def run_exclusive(self, action: Action, token: int | None = None) -> None:
+        """Queue an action that has the stream to itself while it runs (then
+        ``sent(token)``, as for a message)."""
+        self._queue.append(_Item([], action, token))
         if self._lot:
             self._lot.unpark()
 
@@ -95,18 +99,18 @@ class ReplyWriter:
                 continue
             action = queue[0].action
             if action is not None:  # alone, in its turn
-                sent = queue.popleft().sent
+                token = queue.popleft().token
                 await action()
-                self._done([sent])
+                self._done([token])
                 continue
             batch: Buffers = []
-            done: list[Callable[[], None] | None] = []
+            done: list[int | None] = []
             while queue and queue[0].action is None:
                 buffers = queue[0].buffers
                 if batch and len(batch) + len(buffers) > MAX_SEND_BUFFERS:
                     break
                 batch += buffers
-                done.append(queue.popleft().sent)
+                done.append(queue.popleft().token)
             for i in range(0, len(batch), MAX_SEND_BUFFERS):  # a huge message: in pieces
                 await send(*batch[i:i + MAX_SEND_BUFFERS])
             self._done(done)
@@ -114,8 +118,9 @@ class ReplyWriter:
             if not batches % 16:  # a socket with room never makes us wait: yield anyway
                 await trio.lowlevel.checkpoint()
 
-    def _done(self, callbacks: list[Callable[[], None] | None]) -> None:
-        self.messages += len(callbacks)
-        for sent in callbacks:
-            if sent is not None:
-                sent()
+    def _done(self, tokens: list[int | None]) -> None:
+        self.messages += len(tokens)
+        sent = self._sent
+        for token in tokens:
+            if token is not None:
+                sent(token)
