@@ -105,6 +105,8 @@ def main(verbose: int) -> None:
 @click.option("--buffer-budget", type=SIZE, default="64M", show_default=True,
               help="Bytes one connection may make the server hold (WRITE payloads, "
                    "replies not yet sent); reading its requests pauses beyond it.")
+@click.option("--socket-buffer", type=SIZE, default="2M", show_default=True,
+              help="Send/receive buffer of each connection's socket (0: the system's).")
 @click.option("--shuffle-replies", is_flag=True,
               help="Send replies in a deliberately shuffled order (tests clients).")
 @click.option("--no-structured", is_flag=True, help="Refuse structured replies.")
@@ -140,7 +142,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
           no_multi_conn: bool, tls_mode: str | None, tls_cert: str | None,
           tls_key: str | None, tls_ca: str | None, max_payload: int, min_block: int,
           max_connections: int, handshake_timeout: float, shutdown_timeout: float,
-          buffer_budget: int, shuffle_replies: bool, no_structured: bool, no_extended: bool,
+          buffer_budget: int, socket_buffer: int, shuffle_replies: bool,
+          no_structured: bool, no_extended: bool,
           seed: int | None, fail_rules: tuple[str, ...],
           lose_writes: float, stale_reads: float, flood: float, tiny_chunks: float,
           tiny_chunk_max: int, unrequested_context: float, slowloris: float,
@@ -191,7 +194,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
                        tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),
                        max_connections=max_connections,
                        handshake_timeout=handshake_timeout,
-                       shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget)
+                       shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget,
+                       socket_buffer_size=socket_buffer or None)
 
     def announce(uri: str) -> None:
         print(uri, flush=True)

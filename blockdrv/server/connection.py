@@ -120,6 +120,7 @@ _RANGELESS = (Command.FLUSH, Command.DISC)
 _COMMANDS = {int(command): command for command in ALLOWED_COMMAND_FLAGS}  # served ones
 _NOT_ALLOWED = {command: ~int(flags) for command, flags in ALLOWED_COMMAND_FLAGS.items()}
 _DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
+_WRITE, _DISC = int(Command.WRITE), int(Command.DISC)
 
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
 
@@ -314,30 +315,33 @@ class ServerConnection:
         header_size, extended = request_size(self.extended), self.extended
         max_requests, budget = self.config.max_requests, self.config.buffer_budget
         immediate = export.backend.immediate and not self.config.shuffle_replies
-        while True:
-            if export.faults.active or self.faults.active:
+        theirs, ours = export.faults, self.faults
+        receive, cost_of, answer = self.channel.receive_exactly, self._cost, self._answer
+        while True:  # (the hot path: locals, no task, no checkpoint, for most requests)
+            if theirs.active or ours.active:
                 await self._wait_stall()
-            header = await self.channel.receive_exactly(header_size)
-            request = decode_request(header, extended=extended)
-            cost = self._cost(request)
+            request = decode_request(await receive(header_size), extended=extended)
+            command = request.command
+            cost = cost_of(request)
             if self.running >= max_requests or (self.held and self.held + cost > budget):
                 await self._wait_for_room(cost)
             self.running += 1
             self.held += cost
             payload = None
-            if request.command == Command.WRITE:
+            if command == _WRITE:
                 payload = bytearray(request.length)
                 await self.channel.receive_into(memoryview(payload))
             self.requests += 1
-            for faults in (export.faults, self.faults):
-                if faults.active and faults.request_arrived():
-                    self.channel.shutdown()
-                    raise _Dropped("fault hook: connection dropped after a request")
-            if request.command == Command.DISC:
+            hooked = theirs.active or ours.active
+            if hooked and (theirs.active and theirs.request_arrived()
+                           or ours.active and ours.request_arrived()):
+                self.channel.shutdown()
+                raise _Dropped("fault hook: connection dropped after a request")
+            if command == _DISC:
                 self._sent(cost)
                 return
-            if immediate and not (export.faults.active or self.faults.active):
-                await self._answer(request, payload, cost)  # no task: nothing will wait
+            if immediate and not hooked:
+                await answer(request, payload, cost)  # no task: nothing will wait
             else:
                 nursery.start_soon(self._serve, request, payload, cost)
             if not self.requests % CHECKPOINT_EVERY:

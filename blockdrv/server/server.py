@@ -65,6 +65,10 @@ Listener = trio.abc.Listener[trio.abc.Stream]
 Started = trio.TaskStatus[list[Listener]]  # serve() reports the listeners it serves on
 
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+DEFAULT_SOCKET_BUFFER = 2 * 1024 * 1024
+"""SO_SNDBUF/SO_RCVBUF of accepted connections (the kernel caps it at wmem_max): a
+reply of a few hundred KiB then leaves in one system call, not in several with a wait
+for the client in between (+20 % for nbdcopy here)."""
 ACCEPT_BACKOFF = (0.1, 2.0)  # first and longest wait after a failed accept
 ACCEPT_REPORT_INTERVAL = 60  # seconds between two warnings about failing accepts
 
@@ -90,14 +94,16 @@ class NBDServer:
     replies not yet sent; see :class:`~blockdrv.server.config.ServerConfig`);
     ``max_connections`` connections are served at once; ``handshake_timeout`` is how
     long a client may take to enter transmission and ``shutdown_timeout`` how long
-    :meth:`shutdown` lets connections finish what they started.
+    :meth:`shutdown` lets connections finish what they started.  Accepted sockets get
+    ``socket_buffer_size`` send and receive buffers (None: the system's default).
     """
 
     def __init__(self, exports: Export | Sequence[Export], *, structured: bool = True,
                  extended: bool = True, shuffle_replies: bool = False,
                  seed: int | None = None, max_requests: int = 64, allow_list: bool = True,
                  default_export: str | None = None,
-                 socket_buffer_size: int | None = None, tls: TLSSettings = NO_TLS,
+                 socket_buffer_size: int | None = DEFAULT_SOCKET_BUFFER,
+                 tls: TLSSettings = NO_TLS,
                  buffer_budget: int = DEFAULT_BUFFER_BUDGET, max_connections: int = 128,
                  handshake_timeout: float = 10.0, shutdown_timeout: float = 5.0) -> None:
         exports = [exports] if isinstance(exports, Export) else list(exports)

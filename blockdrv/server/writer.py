@@ -36,12 +36,17 @@ Buffer = bytes | bytearray | memoryview
 Buffers = list[Buffer]
 Action = Callable[[], Awaitable[None]]
 
-MAX_SEND_BUFFERS = 512
-"""Buffers per ``sendmsg`` (the kernel takes at most IOV_MAX = 1024)."""
+MAX_SEND_BUFFERS = 64
+"""Buffers per ``sendmsg`` (the kernel takes at most IOV_MAX = 1024; every call that
+sends only part of them passes all of them again)."""
+
+BATCH_BYTES = 1 << 20
+"""Bytes gathered into one batch before it is sent (a socket takes a few hundred KiB)."""
 
 
 class _Item(NamedTuple):
     buffers: Buffers  # a message, or [] with an action
+    size: int  # bytes in buffers
     action: Action | None
     token: int | None  # handed to ``sent`` once written
 
@@ -69,14 +74,14 @@ class ReplyWriter:
     def send(self, buffers: Buffers, token: int | None = None) -> None:
         """Queue one message (its buffers are written together, in order); once it is
         written, ``sent(token)`` is called unless the token is None."""
-        self._queue.append(_Item(buffers, None, token))
+        self._queue.append(_Item(buffers, sum(map(len, buffers)), None, token))
         if self._lot:
             self._lot.unpark()
 
     def run_exclusive(self, action: Action, token: int | None = None) -> None:
         """Queue an action that has the stream to itself while it runs (then
         ``sent(token)``, as for a message)."""
-        self._queue.append(_Item([], action, token))
+        self._queue.append(_Item([], 0, action, token))
         if self._lot:
             self._lot.unpark()
 
@@ -105,12 +110,15 @@ class ReplyWriter:
                 continue
             batch: Buffers = []
             done: list[int | None] = []
-            while queue and queue[0].action is None:
+            size = 0
+            while queue and queue[0].action is None and size < BATCH_BYTES:
                 buffers = queue[0].buffers
                 if batch and len(batch) + len(buffers) > MAX_SEND_BUFFERS:
                     break
                 batch += buffers
-                done.append(queue.popleft().token)
+                item = queue.popleft()
+                size += item.size
+                done.append(item.token)
             for i in range(0, len(batch), MAX_SEND_BUFFERS):  # a huge message: in pieces
                 await send(*batch[i:i + MAX_SEND_BUFFERS])
             self._done(done)
