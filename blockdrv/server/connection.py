@@ -121,10 +121,7 @@ _COMMANDS = {int(command): command for command in ALLOWED_COMMAND_FLAGS}  # serv
 _NOT_ALLOWED = {command: ~int(flags) for command, flags in ALLOWED_COMMAND_FLAGS.items()}
 _DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
 _WRITE, _DISC = int(Command.WRITE), int(Command.DISC)
-
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
-
-
 _ANSWERS = (OptionAnswered, ExportChosen, ClientAborted, StartTLS)  # an option answered
 
 

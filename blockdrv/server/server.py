@@ -12,7 +12,8 @@ another.
 What many clients can make the server hold is bounded:
 
 - at most ``max_connections`` connections at once (handshakes included); a connection
-  beyond that is closed as soon as it is accepted, before the server says anything.
+  beyond that is closed as soon as it is accepted, before the server says anything
+  (warned about at most once a minute).
   The NBD handshake has no way to refuse before the client's first option, and
   answering that option would mean holding the socket (and a task) for a client the
   server has no room for, which is what the limit is there to prevent; the client sees
@@ -70,7 +71,22 @@ DEFAULT_SOCKET_BUFFER = 2 * 1024 * 1024
 reply of a few hundred KiB then leaves in one system call, not in several with a wait
 for the client in between (+20 % for nbdcopy here)."""
 ACCEPT_BACKOFF = (0.1, 2.0)  # first and longest wait after a failed accept
-ACCEPT_REPORT_INTERVAL = 60  # seconds between two warnings about failing accepts
+REPORT_INTERVAL = 60  # seconds between two warnings of one kind (accept, limit)
+
+
+class _RateLimit:
+    """Says when a repeated warning is due again: at most once every ``interval``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last: float | None = None
+
+    def due(self) -> bool:
+        now = trio.current_time()
+        if self.last is not None and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
 
 
 @dataclass(frozen=True)
@@ -136,9 +152,9 @@ class NBDServer:
         self.listeners: list[Listener] = []
         self._accepting = trio.CancelScope()
         self._unix_paths: list[str] = []
-        self._at_limit = False  # logged that the connection limit was reached
+        self._limit_report = _RateLimit(REPORT_INTERVAL)
+        self._accept_report = _RateLimit(REPORT_INTERVAL)
         self._accept_failures = 0  # since the last warning
-        self._accept_reported_at: float | None = None
 
     def __repr__(self) -> str:
         return (f"<NBDServer exports={list(self.exports)} "
@@ -232,10 +248,11 @@ class NBDServer:
         """A connection for ``stream``, counted at once; None over the limit."""
         if len(self.connections) >= self.max_connections:
             self.connections_refused += 1
-            if not self._at_limit:
-                self._at_limit = True
-                log.warning("connection limit reached (%d): closing new connections "
-                            "until some end", self.max_connections)
+            if self._limit_report.due():
+                log.warning("connection limit (%d) reached: new connections are closed "
+                            "at once (%d refused so far; reported at most every %d s)",
+                            self.max_connections, self.connections_refused,
+                            REPORT_INTERVAL)
             return None
         connection = ServerConnection(self.config, self.counters, stream, peer,
                                       seed=self.rng.randrange(1 << 32))
@@ -252,10 +269,6 @@ class NBDServer:
         finally:
             self.connections.discard(connection)
             self.open_connections.value = len(self.connections)
-            if self._at_limit and len(self.connections) < self.max_connections:
-                self._at_limit = False
-                log.warning("below the connection limit again (%d refused so far)",
-                            self.connections_refused)
 
     async def _accept_loop(self, listener: Listener,
                            connections: trio.Nursery) -> None:
@@ -284,16 +297,14 @@ class NBDServer:
 
     async def _accept_failed(self, exc: OSError, backoff: float) -> float:
         """Wait after a failed accept; returns the next wait.  Reported at most once
-        every :data:`ACCEPT_REPORT_INTERVAL` seconds, however often it fails."""
+        every :data:`REPORT_INTERVAL` seconds, however often it fails."""
         self._accept_failures += 1
-        now = trio.current_time()
-        if self._accept_reported_at is None or \
-                now - self._accept_reported_at >= ACCEPT_REPORT_INTERVAL:
+        if self._accept_report.due():
             what = "out of resources" if exc.errno in OUT_OF_RESOURCES else "failing"
             log.warning("accept is %s (%s), %d times since the last report: waiting for "
                         "connections to close (reported at most every %d s)", what, exc,
-                        self._accept_failures, ACCEPT_REPORT_INTERVAL)
-            self._accept_reported_at, self._accept_failures = now, 0
+                        self._accept_failures, REPORT_INTERVAL)
+            self._accept_failures = 0
         backoff = min(backoff * 2, ACCEPT_BACKOFF[1]) if backoff else ACCEPT_BACKOFF[0]
         count = len(self.connections)
         with trio.move_on_after(backoff):  # the shortage may be the system's, not ours
