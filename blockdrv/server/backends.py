@@ -129,8 +129,15 @@ class MemoryBackend(Backend):
 
     async def read(self, offset: int, length: int) -> list[Segment]:
         # The server's hottest path: one pass, runs built in locals.
-        segments: list[Segment] = []
         pages, page = self.pages, self.PAGE
+        index, start = divmod(offset, page)
+        if start + length <= page:  # within one page (most reads)
+            data = pages.get(index)
+            if not length:
+                return []
+            return [(offset, length, None if data is None
+                     else [memoryview(data)[start:start + length]])]
+        segments: list[Segment] = []
         run_at, run_n = offset, 0
         run_views: list[memoryview] | None = None  # None: the run is a hole
         pos, end = offset, offset + length
