@@ -53,7 +53,7 @@ import functools
 import itertools
 import logging
 import random
-from typing import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Awaitable, Callable, Iterable, Iterator
 
 import trio
 
@@ -62,7 +62,6 @@ from ..protocol.constants import (
     BASE_ALLOCATION,
     DEFAULT_MAX_PAYLOAD,
     WRITING_COMMANDS,
-    ChunkType,
     Command,
     CommandFlag,
     Option,
@@ -77,7 +76,6 @@ from ..protocol.wire import (
     Request,
     decode_request,
     encode_block_status_chunk,
-    encode_chunk_header,
     encode_data_chunk_header,
     encode_error_chunk,
     encode_hole_chunk,
@@ -87,7 +85,7 @@ from ..protocol.wire import (
 )
 from ..tls import TLSError, upgrade
 from ..transport import Channel, TransportError
-from .backends import MAX_EXTENTS, FastZeroUnsupported, Segment
+from .backends import MAX_EXTENTS, FastZeroUnsupported
 from .config import ServerConfig, ServerCounters
 from .export import Export
 from .faults import (
@@ -101,8 +99,10 @@ from .faults import (
     UnrequestedContextRule,
     flood_chunks,
     flood_option_replies,
+    malform,
     trickle,
 )
+from .segments import coarsen, cut_into_pieces, flatten, split_at_random
 from .writer import MAX_SEND_BUFFERS, Buffers, ReplyWriter
 
 log = logging.getLogger("blockdrv.server")
@@ -504,11 +504,11 @@ class ServerConnection:
         cookie, extended = request.cookie, self.extended
         for faults in hooks:
             if faults.serve_stale():
-                flat = bytearray().join(_flatten(segments))
+                flat = bytearray().join(flatten(segments))
                 if faults.overlay_stale(request.offset, flat):
                     segments = [(request.offset, len(flat), [memoryview(flat)])]
         if not self.structured or request.flags & _DF:
-            data = _flatten(segments)
+            data = flatten(segments)
             if not self.structured:
                 return [[encode_simple_reply(cookie), *data]]
             n = sum(len(b) for b in data)
@@ -518,9 +518,11 @@ class ServerConnection:
                                               extended=extended), *data]]
         tiny = self._request_mode(TinyChunksRule, request) if hooks else None
         if tiny is not None:
-            segments = _tiny_segments(segments, tiny, self._rng)
+            segments = cut_into_pieces(segments, functools.partial(tiny.piece_size,
+                                                                   self._rng))
+            self._rng.shuffle(segments)
         elif self.config.shuffle_replies:
-            segments = _split(segments, self._rng)
+            segments = split_at_random(segments, self._rng)
             self._rng.shuffle(segments)
         if not segments:
             return [[encode_none_chunk(cookie, extended=extended)]]
@@ -543,7 +545,7 @@ class ServerConnection:
             if faults.stale_rate:
                 if old is None:
                     segments = await self.export.backend.read(request.offset, request.length)
-                    old = b"".join(_flatten(segments))
+                    old = b"".join(flatten(segments))
                 faults.remember(request.offset, old)
         await self.export.backend.write(request.offset, payload,
                                         fua=bool(request.flags & _FUA))
@@ -579,7 +581,7 @@ class ServerConnection:
         export = self.export
         extents = await export.backend.block_status(request.offset, request.length)
         if export.min_block > 1:
-            extents = _coarsen(extents, export.min_block)
+            extents = coarsen(extents, export.min_block)
         if request.flags & CommandFlag.REQ_ONE:
             extents = extents[:1]
         chunks: list[Chunk] = []
@@ -615,7 +617,7 @@ class ServerConnection:
         for faults in hooks:
             kind = faults.malform()
             if kind is not None:
-                chunks = _malform(chunks, kind, request, self.extended)
+                chunks = malform(chunks, kind, request.cookie, self.extended)
             cut = faults.reply_cut()
             if cut is not None:
                 self.writer.run_exclusive(functools.partial(self._send_cut, chunks, cut),
@@ -663,100 +665,6 @@ class ServerConnection:
         raise _Dropped(f"fault hook: reply cut after {cut} bytes")
 
 
-def _flatten(segments: list[Segment]) -> Buffers:
-    """The buffers of a read with holes filled in as zeroes."""
-    out: Buffers = []
-    for _, n, views in segments:
-        out.extend(views if views is not None else [bytes(n)])
-    return out
-
-
-def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
-    """Cut segments into smaller ones at random points (for shuffled replies)."""
-    out: list[Segment] = []
-    for at, n, views in segments:
-        if n < 2 or rng.random() < 0.5:
-            out.append((at, n, views))
-            continue
-        cut = rng.randrange(1, n)
-        if views is None:
-            out += [(at, cut, None), (at + cut, n - cut, None)]
-        else:
-            head, tail = _cut_views(views, cut)
-            out += [(at, cut, head), (at + cut, n - cut, tail)]
-    return out
-
-
-def _tiny_segments(segments: list[Segment], rule: TinyChunksRule,
-                   rng: random.Random) -> list[Segment]:
-    """Segments cut into pieces of the rule's sizes, shuffled (tiny-chunks)."""
-    out: list[Segment] = []
-    for at, n, views in segments:
-        end = at + n
-        while at < end:
-            size = min(rule.piece_size(rng), end - at)
-            if views is None:
-                out.append((at, size, None))
-            else:
-                head, views = _cut_views(views, size)
-                out.append((at, size, head))
-            at += size
-    rng.shuffle(out)
-    return out
-
-
 def _first(rules: Iterable[R | None]) -> R | None:
     """The first rule that is not None (the iterable is consumed only so far)."""
     return next((rule for rule in rules if rule is not None), None)
-
-
-def _cut_views(views: Sequence[memoryview], cut: int) -> tuple[list[memoryview],
-                                                               list[memoryview]]:
-    """Buffers split after ``cut`` bytes, without copying."""
-    head: list[memoryview] = []
-    for i, view in enumerate(views):
-        if not cut:
-            return head, list(views[i:])
-        if cut < len(view):
-            return [*head, view[:cut]], [view[cut:], *views[i + 1:]]
-        head.append(view)
-        cut -= len(view)
-    return head, []
-
-
-def _coarsen(extents: Sequence[tuple[int, int]], block: int) -> list[tuple[int, int]]:
-    """Round extents to multiples of ``block``; a block with any data counts as data."""
-    out: list[tuple[int, int]] = []
-    pos = carry = 0
-    carry_flags = -1
-    for length, flags in extents:
-        end = pos + length
-        while pos < end:
-            take = min(end - pos, block - carry)
-            carry_flags = flags if carry_flags < 0 else carry_flags & flags
-            carry += take
-            pos += take
-            if carry == block:
-                if out and out[-1][1] == carry_flags:
-                    out[-1] = (out[-1][0] + block, carry_flags)
-                else:
-                    out.append((block, carry_flags))
-                carry, carry_flags = 0, -1
-    if carry:
-        out.append((carry, carry_flags))
-    return out
-
-
-def _malform(chunks: list[Chunk], kind: str, request: Request,
-             extended: bool) -> list[Chunk]:
-    """Corrupt the first chunk's header as the fault hook asks."""
-    first = bytearray(chunks[0][0])
-    if kind == "bad-magic":
-        first[0:4] = b"\xde\xad\xbe\xef"
-    elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header
-        first[8:16] = (request.cookie ^ 0x5A5A_0000_0000_0000).to_bytes(8, "big")
-    else:  # oversized-length: a chunk claiming far more payload than any cap allows
-        header = encode_chunk_header(request.cookie, ChunkType.OFFSET_DATA, 0xFFFFFFF0,
-                                     done=True, extended=extended)
-        return [[header]]
-    return [[bytes(first), *chunks[0][1:]], *chunks[1:]]

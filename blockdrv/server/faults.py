@@ -67,6 +67,7 @@ from typing import Iterable, Iterator, TypeVar
 import trio
 
 from ..protocol.constants import (
+    ChunkType,
     Command,
     Info,
     Option,
@@ -79,7 +80,12 @@ from ..protocol.options import (
     encode_rep_meta_context,
     encode_rep_server,
 )
-from ..protocol.wire import Request, encode_block_status_chunk, encode_error_chunk
+from ..protocol.wire import (
+    Request,
+    encode_block_status_chunk,
+    encode_chunk_header,
+    encode_error_chunk,
+)
 from ..triggers import Trigger, command_of, commands_of, first_firing
 
 MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
@@ -477,3 +483,18 @@ def trickle(buffers: Iterable[bytes | bytearray | memoryview], max_piece: int,
             n = rng.randint(1, max_piece)
             yield view[pos:pos + n]
             pos += n
+
+
+def malform(chunks: list[list[bytes | bytearray | memoryview]], kind: str, cookie: int,
+            extended: bool) -> list[list[bytes | bytearray | memoryview]]:
+    """A reply's chunks with the first one's header corrupted as ``kind`` (one of
+    MALFORMED_KINDS) says."""
+    first = bytearray(chunks[0][0])
+    if kind == "bad-magic":
+        first[0:4] = b"\xde\xad\xbe\xef"
+    elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header
+        first[8:16] = (cookie ^ 0x5A5A_0000_0000_0000).to_bytes(8, "big")
+    else:  # oversized-length: a chunk claiming far more payload than any cap allows
+        return [[encode_chunk_header(cookie, ChunkType.OFFSET_DATA, 0xFFFFFFF0, done=True,
+                                     extended=extended)]]
+    return [[bytes(first), *chunks[0][1:]], *chunks[1:]]
