@@ -171,6 +171,19 @@ def main(verbose: int) -> None:
               help="Largest READ/WRITE accepted (advertised as the maximum block size).")
 @click.option("--min-block", type=SIZE, default="1", show_default=True,
               help="Minimum block size (alignment) advertised and enforced.")
+@click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True,
+              help="Connections served at once; more are closed as soon as accepted.")
+@click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True,
+              help="Seconds a client may take to enter transmission (TLS included).")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=5.0,
+              show_default=True,
+              help="Seconds SIGTERM/SIGINT lets connections finish their requests.")
+@click.option("--buffer-budget", type=SIZE, default="64M", show_default=True,
+              help="Bytes one connection may make the server hold (WRITE payloads, "
+                   "replies not yet sent); reading its requests pauses beyond it.")
+@click.option("--socket-buffer", type=SIZE, default="2M", show_default=True,
+              help="Send/receive buffer of each connection's socket (0: the system's).")
 @click.option("--shuffle-replies", is_flag=True,
               help="Send replies in a deliberately shuffled order (tests clients).")
 @click.option("--no-structured", is_flag=True, help="Refuse structured replies.")
@@ -183,14 +196,35 @@ def main(verbose: int) -> None:
               help="Fault hook: acknowledge writes without storing them, at this rate.")
 @click.option("--stale-reads", type=click.FloatRange(0, 1), default=0.0,
               help="Fault hook: serve reads from data older than the latest writes.")
+@click.option("--flood", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: answer GO, INFO, LIST, meta context options, READ and "
+                   "BLOCK_STATUS with an endless stream, at this rate.")
+@click.option("--tiny-chunks", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: cut READ replies into tiny chunks in a random order, "
+                   "at this rate.")
+@click.option("--tiny-chunk-max", type=SIZE, default="512", show_default=True,
+              help="Largest tiny chunk (the smallest is 1 byte).")
+@click.option("--unrequested-context", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: answer SET_META_CONTEXT with qemu:evil too, at this rate.")
+@click.option("--slowloris", type=click.FloatRange(0, 1), default=0.0,
+              help="Hostile mode: trickle option and request replies a few bytes at a "
+                   "time, at this rate.")
+@click.option("--slowloris-piece", type=SIZE, default="8", show_default=True,
+              help="Largest piece slowloris sends at once.")
+@click.option("--slowloris-delay", type=click.FloatRange(0), default=0.01,
+              show_default=True, help="Seconds between slowloris pieces.")
 @one_line_errors
 def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
           description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
           no_multi_conn: bool, tls_mode: str | None, tls_cert: str | None,
           tls_key: str | None, tls_ca: str | None, max_payload: int, min_block: int,
-          shuffle_replies: bool, no_structured: bool, no_extended: bool,
+          max_connections: int, handshake_timeout: float, shutdown_timeout: float,
+          buffer_budget: int, socket_buffer: int, shuffle_replies: bool,
+          no_structured: bool, no_extended: bool,
           seed: int | None, fail_rules: tuple[str, ...],
-          lose_writes: float, stale_reads: float) -> None:
+          lose_writes: float, stale_reads: float, flood: float, tiny_chunks: float,
+          tiny_chunk_max: int, unrequested_context: float, slowloris: float,
+          slowloris_piece: int, slowloris_delay: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
     Prints the export's NBD URI on the first line of stdout once listening. Without
@@ -224,9 +258,21 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         export.faults.lose_writes(lose_writes)
     if stale_reads:
         export.faults.stale_reads(stale_reads)
+    if flood:
+        export.faults.flood(rate=flood)
+    if tiny_chunks:
+        export.faults.tiny_chunks(tiny_chunk_max, rate=tiny_chunks)
+    if unrequested_context:
+        export.faults.unrequested_context(rate=unrequested_context)
+    if slowloris:
+        export.faults.slowloris(slowloris_piece, slowloris_delay, rate=slowloris)
     server = NBDServer(export, structured=not no_structured, extended=not no_extended,
                        shuffle_replies=shuffle_replies, seed=seed,
-                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca))
+                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),
+                       max_connections=max_connections,
+                       handshake_timeout=handshake_timeout,
+                       shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget,
+                       socket_buffer_size=socket_buffer or None)
 
     def announce(uri: str) -> None:
         print(uri, flush=True)

@@ -71,6 +71,11 @@ class Trigger:
         """Count a request; True when the rule fires for it."""
         if not self.matches(command, offset, length):
             return False
+        return self.count(rng)
+
+    def count(self, rng: random.Random) -> bool:
+        """Count a matching event (a request, or anything a subclass matches itself);
+        True when the schedule says the rule fires for it."""
         if self.times is not None and self.fired >= self.times:
             return False
         self.seen += 1

@@ -1,8 +1,13 @@
-"""nbdcopy reading SIZE bytes of data from `blockdrv serve` and from `nbdkit memory`.
+"""Read throughput of the embedded server next to `nbdkit memory`, same run.
 
 Both servers are filled with the same random data first (so nothing is skipped as a
-hole), then `nbdcopy URI null:` runs RUNS times against each, interleaved; the table
-gives median MiB/s and the ratio embedded / nbdkit.
+hole), then two clients read, RUNS times against each server, interleaved:
+
+- `nbdcopy URI null:` reads all SIZE bytes (its default mode: 4 connections, 64
+  requests of 256 KiB in flight each);
+- `qemu-img bench` makes COUNT reads of 64 KiB, 16 in flight.
+
+The table gives median MiB/s per client and server and the ratio embedded / nbdkit.
 """
 
 from __future__ import annotations
@@ -23,11 +28,24 @@ from support.peers import EmbeddedServer, Nbdkit  # noqa: E402
 
 from blockdrv.units import format_size, parse_size  # noqa: E402
 
+BENCH_REQUEST = 64 * 1024
+
+
+def clients(uri: str, count: int) -> dict[str, list[str]]:
+    """The command of each client, reading from ``uri``."""
+    return {
+        "nbdcopy": ["nbdcopy", uri, "null:"],
+        "qemu-img bench": ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "16",
+                           "-s", str(BENCH_REQUEST), uri],
+    }
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="1G", type=parse_size)
     parser.add_argument("--runs", default=3, type=int)
+    parser.add_argument("--count", default=20000, type=int,
+                        help="qemu-img bench requests per run")
     parser.add_argument("--json", dest="json_file")
     args = parser.parse_args()
     size = args.size
@@ -44,31 +62,39 @@ def main() -> None:
             "embedded": EmbeddedServer(directory / "embedded", "--memory", str(size)),
             "nbdkit": Nbdkit(directory / "nbdkit", "memory", str(size)),
         }
-        times: dict[str, list[float]] = {name: [] for name in servers}
+        times: dict[str, dict[str, list[float]]] = {}
         try:
             for server in servers.values():
                 server.start()
                 subprocess.run(["nbdcopy", str(source), server.uri()], check=True)
             for _ in range(args.runs):
                 for name, server in servers.items():
-                    start = time.perf_counter()
-                    subprocess.run(["nbdcopy", server.uri(), "null:"], check=True)
-                    times[name].append(time.perf_counter() - start)
+                    for client, argv in clients(server.uri(), args.count).items():
+                        start = time.perf_counter()
+                        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+                        times.setdefault(client, {}).setdefault(name, []).append(
+                            time.perf_counter() - start)
         finally:
             for server in servers.values():
                 server.stop()
-    mib = size / (1 << 20)
-    rates = {name: mib / statistics.median(t) for name, t in times.items()}
-    print(f"nbdcopy reading {format_size(size)}, median of {args.runs} runs")
-    print(f"{'server':<10} {'MiB/s':>10} {'runs (s)':>30}")
-    for name, rate in rates.items():
-        runs = " ".join(f"{t:.2f}" for t in times[name])
-        print(f"{name:<10} {rate:>10.1f} {runs:>30}")
-    ratio = rates["embedded"] / rates["nbdkit"]
-    print(f"ratio embedded / nbdkit: {ratio:.3f}")
+    volume = {"nbdcopy": size, "qemu-img bench": args.count * BENCH_REQUEST}
+    rates = {client: {name: volume[client] / (1 << 20) / statistics.median(t)
+                      for name, t in by_server.items()}
+             for client, by_server in times.items()}
+    ratios = {client: r["embedded"] / r["nbdkit"] for client, r in rates.items()}
+    print(f"reading {format_size(size)} (nbdcopy) and {args.count} x 64 KiB at depth 16 "
+          f"(qemu-img bench), median of {args.runs} runs")
+    print(f"{'client':<16} {'server':<10} {'MiB/s':>10} {'runs (s)':>24}")
+    for client, by_server in times.items():
+        for name, t in by_server.items():
+            runs = " ".join(f"{x:.2f}" for x in t)
+            print(f"{client:<16} {name:<10} {rates[client][name]:>10.1f} {runs:>24}")
+        print(f"{client:<16} ratio embedded / nbdkit: {ratios[client]:.3f}")
     if args.json_file:
         Path(args.json_file).write_text(json.dumps(
-            {"size": size, "runs": times, "mib_s": rates, "ratio": ratio}, indent=2))
+            {"size": size, "runs": times["nbdcopy"], "mib_s": rates["nbdcopy"],
+             "ratio": ratios["nbdcopy"], "clients": times, "rates": rates,
+             "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

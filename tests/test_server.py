@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from support.client import AsyncClient, BlockingClient
+from support.client import BlockingClient
+from support.server_rig import STORE_KINDS, open_store, serving
 
 from blockdrv.protocol import (
     Command,
@@ -20,7 +20,7 @@ from blockdrv.protocol import (
     RequestError,
     StateFlag,
 )
-from blockdrv.server import Export, FileBackend, MemoryBackend, NBDServer
+from blockdrv.server import Export, MemoryBackend, NBDServer
 
 MiB = 1024 * 1024
 
@@ -29,25 +29,10 @@ def memory_export(name="", size=4 * MiB, **kw) -> Export:
     return Export(name, MemoryBackend(size), **kw)
 
 
-@asynccontextmanager
-async def serving(server: NBDServer):
-    """Run ``server``; yield ``connect(**negotiate_args)`` giving negotiated clients.
-
-    Clients talk to the server over trio.testing memory streams, so nothing waits for
-    real I/O and the autojump clock can be used.
-    """
-    async with trio.open_nursery() as nursery:
-
-        async def connect(negotiate: bool = True, **kw) -> AsyncClient:
-            client_side, server_side = trio.testing.memory_stream_pair()
-            nursery.start_soon(server.handle_stream, server_side)
-            client = AsyncClient(client_side)
-            if negotiate:
-                await client.negotiate(**kw)
-            return client
-
-        yield connect
-        server.kill()
+@pytest.fixture(params=STORE_KINDS)
+def store(request, tmp_path):
+    with open_store(request.param, tmp_path) as backend:
+        yield backend
 
 
 # --- concurrency and ordering --------------------------------------------------------
@@ -99,7 +84,7 @@ F = CommandFlag
     (C.WRITE_ZEROES, 0, 4 * MiB, 512, errno.ENOSPC),
     (C.TRIM, 0, 4 * MiB, 512, errno.EINVAL),
     (C.READ, 0, 0, 2 * MiB, errno.EINVAL),  # longer than the maximum block size
-    (C.WRITE_ZEROES, 0, 0, 2 * MiB, errno.EINVAL),
+    (C.CACHE, 0, 0, 2 * MiB, errno.EINVAL),
     (C.RESIZE, 0, 0, 0, errno.EINVAL),
 ])
 async def test_bad_requests_get_the_spec_errors(command, flags, offset, length, code):
@@ -114,6 +99,39 @@ async def test_bad_requests_get_the_spec_errors(command, flags, offset, length, 
             assert excinfo.value.errno == code
             # The connection stays usable.
             assert await client.pread(512, 0) == bytes(512)
+
+
+async def test_zero_and_trim_of_any_length_inside_the_export(store):
+    # They carry no payload: accepted beyond the maximum block size, as qemu-nbd does.
+    export = Export("", store, max_payload=MiB)
+    with trio.fail_after(30):
+        async with serving(NBDServer(export)) as connect:
+            client = await connect()
+            client.check_requests = False
+            await client.pwrite(b"d" * MiB, 2 * MiB)
+            await client.pwrite(b"e" * MiB, 5 * MiB)
+            await client.zero(4 * MiB, 512)  # 4 x the maximum, unaligned ends
+            await client.trim(3 * MiB, 4 * MiB + 1024)
+            await client.zero(8 * MiB, 0, CommandFlag.NO_HOLE)
+            assert await client.pread(MiB, 2 * MiB) == bytes(MiB)
+            assert await client.pread(MiB, 5 * MiB) == bytes(MiB)
+            with pytest.raises(RequestError, match="ENOSPC"):
+                await client.zero(8 * MiB + 512, 0)  # still not beyond the end
+
+
+async def test_huge_zero_and_block_status_on_a_huge_memory_export_are_cheap():
+    # 1 TiB of sparse memory: one zero over all of it and one block status must not
+    # walk 16 million pages (the fail_after would fire first).
+    export = Export("", MemoryBackend(1 << 40))
+    with trio.fail_after(10):
+        async with serving(NBDServer(export)) as connect:
+            client = await connect()
+            client.check_requests = False
+            await client.pwrite(b"x" * 4096, 1 << 39)
+            await client.zero(1 << 40, 0)
+            assert not export.backend.pages
+            (extents,) = (await client.block_status((1 << 40) - 512, 512)).values()
+            assert sum(length for length, _ in extents) <= 1 << 30
 
 
 async def test_read_only_export_refuses_writes_with_eperm():
@@ -154,12 +172,7 @@ async def test_simple_replies_when_structured_replies_are_refused():
                 await client.pread(512, 4 * MiB)
 
 
-@pytest.mark.parametrize("backend", ["memory", "file"])
-async def test_extended_headers_and_commands(backend, tmp_path):
-    if backend == "file":
-        store = FileBackend(tmp_path / "x.img", size=8 * MiB, create=True)
-    else:
-        store = MemoryBackend(8 * MiB)
+async def test_extended_headers_and_commands(store):
     with trio.fail_after(30):
         async with serving(NBDServer(Export("", store))) as connect:
             client = await connect()
@@ -185,7 +198,6 @@ async def test_extended_headers_and_commands(backend, tmp_path):
             await client.flush()
             await client.zero(MiB, 2 * MiB, CommandFlag.FAST_ZERO)
             assert await client.pread(4096, 2 * MiB) == bytes(4096)
-    store.close()
 
 
 async def test_oversized_write_payload_is_a_disconnect_without_allocation():
@@ -369,7 +381,7 @@ async def test_connection_faults_touch_only_that_connection():
 async def test_graceful_shutdown_finishes_requests_in_progress(autojump_clock):
     export = memory_export()
     export.faults.delay("write", 5)
-    server = NBDServer(export)
+    server = NBDServer(export, shutdown_timeout=30)
     with trio.fail_after(60):
         async with serving(server) as connect:
             client = await connect()

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
+from support.client import BlockingClient
 from support.libnbd import run_libnbd
 from support.peers import EmbeddedServer, sparse_image
+
+from blockdrv.fuzz.servers import ActivatedServer
+from blockdrv.protocol import Command
 
 pytestmark = pytest.mark.interop
 
@@ -31,9 +37,12 @@ def random_image(path, size: int, data_ranges) -> None:
             f.write(os.urandom(length))
 
 
+DISK = 256 * MiB  # holes far longer than the 32 MiB maximum block size
+
+
 @pytest.fixture(params=["plain", "shuffled"])
 def served(request, tmp_path):
-    args = ["--memory", "64M"]
+    args = ["--memory", str(DISK)]
     if request.param == "shuffled":
         args += ["--shuffle-replies", "--seed", "7"]
     with EmbeddedServer(tmp_path, *args) as server:
@@ -72,16 +81,45 @@ def test_nbdinfo_read_only_export(tmp_path):
 
 
 def test_nbdcopy_in_and_out(served, tmp_path):
+    # nbdcopy's default mode: asynchronous, multi-conn, holes sent as 128 MiB zeroes.
     src, back = tmp_path / "src.img", tmp_path / "back.img"
-    random_image(src, 64 * MiB, [(0, 3 * MiB), (10 * MiB, 512 * 1024), (40 * MiB, 7 * MiB)])
+    random_image(src, DISK, [(0, 3 * MiB), (10 * MiB, 512 * 1024), (40 * MiB, 7 * MiB),
+                             (200 * MiB, 5 * MiB)])
+    # The served disk holds data where src has holes: the copy must zero it.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 100M 64M", served.uri()],
+                   check=True, timeout=60, capture_output=True)
     subprocess.run(["nbdcopy", str(src), served.uri()], check=True, timeout=120)
     subprocess.run(["nbdcopy", served.uri(), str(back)], check=True, timeout=120)
     assert sha256(src) == sha256(back)
 
 
+def test_libnbd_zero_and_trim_longer_than_the_maximum_block_size(served):
+    result = run_libnbd("""
+        h = nbd.NBD()
+        h.set_strict_mode(0)  # libnbd checks nothing itself: the server decides
+        h.connect_uri(sys.argv[1])
+        h.pwrite(b"\\x01" * 65536, 100 << 20)
+        h.zero(64 << 20, 64 << 20)
+        zeroed = h.pread(65536, 100 << 20) == bytes(65536)
+        h.pwrite(b"\\x02" * 65536, 200 << 20)
+        h.trim(128 << 20, 128 << 20)
+        try:
+            h.pread(64 << 20, 0)
+            long_read = "accepted"
+        except nbd.Error as exc:
+            long_read = exc.errno
+        print(json.dumps({"max": h.get_block_size(nbd.SIZE_MAXIMUM), "zeroed": zeroed,
+                          "long_read": long_read}))
+        h.shutdown()
+    """, served.uri())
+    assert result == {"max": 32 * MiB, "zeroed": True, "long_read": "EINVAL"}
+
+
 def test_qemu_img_convert_and_compare(served, tmp_path):
     src, back = tmp_path / "src.img", tmp_path / "back.qcow2"
-    random_image(src, 64 * MiB, [(MiB, 5 * MiB), (33 * MiB, MiB)])
+    random_image(src, DISK, [(MiB, 5 * MiB), (33 * MiB, MiB), (180 * MiB, 2 * MiB)])
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 64M 100M", served.uri()],
+                   check=True, timeout=60, capture_output=True)
     subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
                     served.uri()], check=True, timeout=120)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), served.uri()],
@@ -194,6 +232,98 @@ def test_sigterm_is_a_clean_shutdown(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_hostile_modes_that_real_clients_survive(tmp_path):
+    # Valid streams, only unusual: tiny chunks in random order, trickled bytes.  (A
+    # flood never ends: that is for clients with caps.)
+    with EmbeddedServer(tmp_path, "--memory", "4M", "--seed", "3", "--tiny-chunks", "1",
+                        "--tiny-chunk-max", "64", "--slowloris", "1", "--slowloris-delay",
+                        "0") as srv:
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5c 1M 8k",
+                              "-c", "read -P 0x5c 1M 8k", srv.uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "verification failed" not in out.stdout, out
+        lines = subprocess.run(["nbdinfo", "--map", srv.uri()], capture_output=True,
+                               text=True, timeout=120, check=True).stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["0", str(MiB), "3"], [str(MiB), "65536", "0"], [str(MiB + 65536),
+                                                         str(3 * MiB - 65536), "3"]]
+
+
+def test_unrequested_context_qemu_refuses_libnbd_accepts(tmp_path):
+    with EmbeddedServer(tmp_path, "--memory", "4M", "--unrequested-context", "1") as srv:
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4k", srv.uri()],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "server answered with different context 'qemu:evil'" in out.stderr
+        result = run_libnbd("""
+            h = nbd.NBD()
+            h.add_meta_context("base:allocation")
+            h.connect_uri(sys.argv[1])
+            print(json.dumps([h.can_meta_context("base:allocation"),
+                              h.can_meta_context("qemu:evil")]))
+            h.shutdown()
+        """, srv.uri())
+    assert result == [True, True]  # libnbd 1.14 takes what it was not offered
+
+
+# --- hostile clients over real sockets ---------------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident set size of a process, in bytes (VmHWM)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def hostile_reads(server, count: int, length: int) -> socket.socket:
+    """A negotiated client that has sent ``count`` READs and will read no reply."""
+    client = BlockingClient(server.connect())
+    client.negotiate()
+    for _ in range(count):
+        client.send(Command.READ, 0, length)
+    return client.sock
+
+
+def test_reads_whose_replies_nobody_reads_hold_the_budget_not_more(tmp_path):
+    # 1.8 KB of requests asking for 2 GiB of a file's data, never read.
+    image = tmp_path / "data.img"
+    random_image(image, 32 * MiB, [(0, 32 * MiB)])
+    with EmbeddedServer(tmp_path, "--file", str(image)) as srv:
+        with hostile_reads(srv, 64, 32 * MiB):
+            assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == 32 * MiB
+            out = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 32M", srv.uri()],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert peak_rss(srv.process.pid) < 300 * MiB  # 64 MiB budget + the interpreter
+
+
+def test_sigterm_with_a_client_that_reads_no_replies(tmp_path):
+    with EmbeddedServer(tmp_path, "--memory", "64M", "--shutdown-timeout", "1") as srv:
+        # Data, not holes: a hole's reply is a few bytes that would fit a socket buffer.
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 32M", srv.uri()],
+                       check=True, timeout=60, capture_output=True)
+        with hostile_reads(srv, 64, 32 * MiB):
+            assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == 64 * MiB
+            srv.process.send_signal(signal.SIGTERM)
+            assert srv.process.wait(timeout=30) == 0
+
+
+def test_idle_sockets_out_of_file_descriptors(tmp_path):
+    # 40 open files at most: idle clients use them all up; the handshake deadline
+    # frees them, the accept loop backs off quietly meanwhile, and nbdinfo is served.
+    srv = ActivatedServer(tmp_path, ["prlimit", "--nofile=40", sys.executable, "-m",
+                                     "blockdrv", "serve", "--memory", "1M",
+                                     "--handshake-timeout", "1"], name="blockdrv-serve")
+    with srv, contextlib.ExitStack() as idle:
+        for _ in range(60):
+            idle.enter_context(srv.connect())
+        assert nbdinfo_json(srv.uri())["exports"][0]["export-size"] == MiB
+    log = srv.log()
+    assert log.count("accept is out of resources") == 1, log
 
 
 def test_port_zero_prints_the_chosen_port():

@@ -11,7 +11,12 @@ flags, EXPORT_NAME that cannot be honoured).
 
 Hostile input never makes it allocate from a length: option data above
 :data:`MAX_OPTION_REQUEST` is skipped as it streams in and answered with
-``ERR_TOO_BIG``; strings are capped by the decoders.
+``ERR_TOO_BIG``; strings are capped by the decoders.  A client gets at most
+``max_options`` options (:data:`MAX_OPTIONS`) before it is a ProtocolError, and with
+``step_options`` every answered option is an :class:`OptionAnswered` event, so the
+caller sends the answer (and checkpoints) before the next option is even looked at:
+a client that pipelines options and reads no replies holds one answer's worth of
+output, not one per option it sent.
 
 TLS modes follow the spec: OFF answers STARTTLS with ``ERR_UNSUP``; REQUIRE is
 FORCEDTLS (every option but STARTTLS and ABORT gets ``ERR_TLS_REQD`` until TLS is up,
@@ -22,7 +27,7 @@ everything negotiated before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from .constants import (
     BASE_ALLOCATION,
@@ -57,6 +62,16 @@ from .options import (
 
 _KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 
+MAX_OPTIONS = 1024
+"""Options one handshake may have (nbdkit allows 32; ``nbdinfo --list`` on a server
+with many exports sends one NBD_OPT_INFO per export)."""
+
+
+class OptionAnswered(NamedTuple):
+    """With ``step_options``: the answer to ``option`` is queued in ``data_to_send()``."""
+
+    option: int
+
 
 @dataclass(frozen=True, slots=True)
 class ExportOffer:
@@ -85,8 +100,14 @@ class ServerNegotiator:
     def __init__(self, exports: Mapping[str, ExportOffer], *,
                  tls: TLSMode = TLSMode.OFF, structured: bool = True,
                  extended: bool = True, allow_list: bool = True,
-                 default_export: str | None = None) -> None:
+                 default_export: str | None = None, step_options: bool = False,
+                 max_options: int = MAX_OPTIONS) -> None:
         self.exports = exports
+        self.step_options = step_options
+        self.max_options = max_options
+        self.options_received = 0
+        self.last_option: int | None = None  # the option answered most recently
+        self.last_export: str | None = None  # the export it named, if it named one
         self.tls_mode = tls
         self.offer_structured = structured
         self.offer_extended = extended and structured
@@ -149,8 +170,9 @@ class ServerNegotiator:
         self._phase = "options"
 
     def next_event(self) -> object:
-        """NEED_DATA, StartTLS, ExportChosen or ClientAborted; ProtocolError means
-        disconnect now (after sending whatever is queued)."""
+        """NEED_DATA, StartTLS, ExportChosen, ClientAborted, or (with ``step_options``)
+        OptionAnswered; ProtocolError means disconnect now (after sending whatever is
+        queued)."""
         while True:
             if self._done or self._phase == "tls-upgrade":
                 return NEED_DATA
@@ -162,6 +184,9 @@ class ServerNegotiator:
             event = self._next_option()
             if event is not None:
                 return event
+            if self.step_options:
+                assert self.last_option is not None
+                return OptionAnswered(self.last_option)
 
     # --- internals ------------------------------------------------------------------
 
@@ -183,6 +208,10 @@ class ServerNegotiator:
             if len(self._inbox) < OPTION_HEADER_SIZE:
                 return NEED_DATA
             option, length = decode_option_header(self._take(OPTION_HEADER_SIZE))
+            self.options_received += 1
+            if self.options_received > self.max_options:
+                raise ProtocolError(f"client sent more than {self.max_options} options")
+            self.last_option, self.last_export = option, None
             if length > MAX_OPTION_REQUEST:
                 skipped = min(length, len(self._inbox))
                 del self._inbox[:skipped]
@@ -230,6 +259,7 @@ class ServerNegotiator:
             offer = self.exports.get(self.default_export)
         if offer is None:
             raise _Reply(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        self.last_export = offer.name
         return offer
 
     def _flags(self, offer: ExportOffer) -> int:

@@ -29,6 +29,9 @@ from ..protocol.constants import StateFlag
 Segment = tuple[int, int, "Sequence[memoryview] | None"]
 HOLE_FLAGS = int(StateFlag.HOLE | StateFlag.ZERO)
 MAX_EXTENTS = 1024  # per block status reply (the spec lets a server return fewer)
+STATUS_SCAN = 1 << 30  # bytes a memory block status looks at (16384 pages)
+ZERO_PAGES_PER_CHECKPOINT = 256  # NO_HOLE zeroing yields every 16 MiB
+FILE_ZERO_PIECE = 256 << 20  # bytes a file backend zeroes per worker-thread call
 
 
 class FastZeroUnsupported(OSError):
@@ -43,6 +46,9 @@ class Backend(Protocol):
 
     size: int
     fast_zero: bool
+    immediate: bool
+    """True if no method ever waits (memory): the server then runs requests inline
+    instead of in a task each."""
 
     async def read(self, offset: int, length: int) -> list[Segment]:
         """Read ``length`` bytes at ``offset`` as data and hole segments."""
@@ -95,6 +101,7 @@ class MemoryBackend(Backend):
 
     PAGE = 64 * 1024
     fast_zero = True
+    immediate = True  # (a NO_HOLE zero of a huge range checkpoints, which is fine)
 
     def __init__(self, size: int) -> None:
         if size < 0:
@@ -121,19 +128,37 @@ class MemoryBackend(Backend):
             offset += stop - start
 
     async def read(self, offset: int, length: int) -> list[Segment]:
+        # The server's hottest path: one pass, runs built in locals.
+        pages, page = self.pages, self.PAGE
+        index, start = divmod(offset, page)
+        if start + length <= page:  # within one page (most reads)
+            data = pages.get(index)
+            if not length:
+                return []
+            return [(offset, length, None if data is None
+                     else [memoryview(data)[start:start + length]])]
         segments: list[Segment] = []
-        for index, start, stop, at in self._spans(offset, length):
-            data = self.pages.get(index)
-            n = stop - start
-            if segments and (segments[-1][2] is None) == (data is None):
-                prev_at, prev_n, views = segments[-1]
-                if views is not None:
-                    assert data is not None
-                    views = [*views, memoryview(data)[start:stop]]
-                segments[-1] = (prev_at, prev_n + n, views)
+        run_at, run_n = offset, 0
+        run_views: list[memoryview] | None = None  # None: the run is a hole
+        pos, end = offset, offset + length
+        while pos < end:
+            index, start = divmod(pos, page)
+            n = min(page - start, end - pos)
+            data = pages.get(index)
+            if data is None:
+                if run_views is not None:
+                    segments.append((run_at, run_n, run_views))
+                    run_at, run_n, run_views = pos, 0, None
             else:
-                segments.append((at, n, None if data is None
-                                 else [memoryview(data)[start:stop]]))
+                if run_views is None:
+                    if run_n:
+                        segments.append((run_at, run_n, None))
+                    run_at, run_n, run_views = pos, 0, []
+                run_views.append(memoryview(data)[start:start + n])
+            run_n += n
+            pos += n
+        if run_n:
+            segments.append((run_at, run_n, run_views))
         return segments
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -149,7 +174,22 @@ class MemoryBackend(Backend):
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        for index, start, stop, _ in self._spans(offset, length):
+        # WRITE_ZEROES and TRIM may cover the whole export: whole pages are dropped by
+        # looking at the allocated ones only, so a huge range costs what it frees.
+        page = self.PAGE
+        first, last = -(-offset // page), (offset + length) // page  # whole pages
+        if not may_trim or first >= last:
+            await self._zero_pages(offset, length, may_trim)
+            return
+        await self._zero_pages(offset, first * page - offset, may_trim)
+        for index in self._allocated_in(first, last):
+            del self.pages[index]
+        await self._zero_pages(last * page, offset + length - last * page, may_trim)
+
+    async def _zero_pages(self, offset: int, length: int, may_trim: bool) -> None:
+        for n, (index, start, stop, _) in enumerate(self._spans(offset, length)):
+            if n % ZERO_PAGES_PER_CHECKPOINT == ZERO_PAGES_PER_CHECKPOINT - 1:
+                await trio.lowlevel.checkpoint()  # NO_HOLE over a large export
             page = self.pages.get(index)
             if start == 0 and stop == self.PAGE and may_trim:
                 self.pages.pop(index, None)
@@ -157,6 +197,12 @@ class MemoryBackend(Backend):
                 page[start:stop] = bytes(stop - start)
             elif not may_trim:  # NO_HOLE: the range must end up allocated
                 self.pages[index] = bytearray(self.PAGE)
+
+    def _allocated_in(self, first: int, last: int) -> list[int]:
+        """Allocated page indices in ``[first, last)``, at the cost of the smaller set."""
+        if last - first > len(self.pages):
+            return [index for index in self.pages if first <= index < last]
+        return [index for index in range(first, last) if index in self.pages]
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.zero(offset, length, may_trim=True)
@@ -168,6 +214,8 @@ class MemoryBackend(Backend):
         pass
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # Looks at no more than STATUS_SCAN bytes: a reply may describe less than asked.
+        length = min(length, STATUS_SCAN)
         runs = [(stop - start, 0 if index in self.pages else HOLE_FLAGS)
                 for index, start, stop, _ in self._spans(offset, length)]
         return merge_extents(runs)[:MAX_EXTENTS]
@@ -198,12 +246,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 # The file system calls below take a file descriptor and block: run them in a worker
 # thread.  The server's FileBackend and ``blockdrv copy``'s local files both use them.
 
-def data_runs(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE."""
+def data_runs(fd: int, offset: int, length: int,
+              max_runs: int | None = None) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs covering a range, from SEEK_DATA/SEEK_HOLE (only
+    the first ``max_runs`` of them when given: a fragmented file has many)."""
     end = offset + length
     runs: list[tuple[int, int, bool]] = []
     pos = offset
-    while pos < end:
+    while pos < end and (max_runs is None or len(runs) < max_runs):
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
@@ -268,6 +318,8 @@ def zero_range(fd: int, offset: int, length: int, *, may_trim: bool = True,
 class FileBackend(Backend):
     """A file (or block device) with holes found by SEEK_DATA/SEEK_HOLE."""
 
+    immediate = False  # system calls run in worker threads
+
     def __init__(self, path: str | os.PathLike[str], *, size: int | None = None,
                  read_only: bool = False, create: bool = False) -> None:
         flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -323,7 +375,13 @@ class FileBackend(Backend):
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        await trio.to_thread.run_sync(self._zero_sync, offset, length, may_trim, fast, fua)
+        # A piece per worker-thread call: zeroing may mean writing zeroes, and a huge
+        # range must stay cancellable (graceful shutdown is bounded).
+        end = offset + length
+        for pos in range(offset, end, FILE_ZERO_PIECE):
+            piece = min(FILE_ZERO_PIECE, end - pos)
+            await trio.to_thread.run_sync(self._zero_sync, pos, piece, may_trim, fast,
+                                          fua and pos + piece == end)
 
     def _trim_sync(self, offset: int, length: int, fua: bool) -> None:
         try:
@@ -345,7 +403,7 @@ class FileBackend(Backend):
 
     def _status_sync(self, offset: int, length: int) -> list[tuple[int, int]]:
         runs = [(n, 0 if is_data else HOLE_FLAGS) for _, n, is_data in
-                data_runs(self.fd, offset, length)]
+                data_runs(self.fd, offset, length, MAX_EXTENTS)]
         return merge_extents(runs)[:MAX_EXTENTS]
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:

@@ -2,19 +2,34 @@
 
 Theory of operation
 -------------------
-The handshake runs through the sans-IO :class:`ServerNegotiator`.  Then a reader loop
-takes requests off the stream one at a time (the header, then a WRITE's payload) and
-starts a task for each in the connection's nursery: requests of one connection are
-processed concurrently and their replies leave in the order they finish.  Two limits
-keep a fast or hostile client from making the server buffer without end: a count of
-requests in progress and a budget of WRITE payload bytes held (a ``trio_util.AsyncValue``
-the reader waits on).  When either is full the reader stops reading and TCP flow control
-pushes back on the client.
+The handshake runs through the sans-IO :class:`ServerNegotiator`, one option at a time
+(each answer is sent before the next option is looked at), under a deadline
+(``handshake_timeout``) that covers a TLS upgrade too.  Then a reader loop takes
+requests off the stream one at a time (the header, then a WRITE's payload).  A request
+on a backend that never waits (memory) is executed right there, when no fault hook is
+active; any other gets a task of its own in the connection's nursery, so requests of a
+connection are processed concurrently.  Either way the reply is queued with the
+connection's :class:`~blockdrv.server.writer.ReplyWriter`, the one task that writes
+replies: they leave in the order they were finished, many in one ``sendmsg`` under
+load, and nobody waits for anybody else's send.
 
-Replies are written under ``send_lock`` one chunk at a time: chunks of different replies
-may interleave, as the spec allows, but never mix.  With ``shuffle_replies`` each reply
-first waits a random number of scheduler turns and READ replies are cut into several
-chunks sent in random order, so clients' reply hand-off and reassembly get exercised.
+Two limits keep a fast or hostile client from making the server hold without end: a
+count of requests in progress (``max_requests``) and a budget of bytes held
+(``buffer_budget``).  Every request is charged what it may make us hold (a WRITE its
+payload, a READ its data, a block status its extents, anything else a small overhead)
+as soon as its header is read, before its payload is read or it is executed, and
+released when its reply has left the writer.  When either limit is full the reader stops
+reading (it waits on an event the writer sets) and TCP flow control pushes back on the
+client, so a client that sends READs and never reads the replies holds at most the
+budget.  The reader checkpoints every few requests, since reading from a full
+read-ahead buffer does not.
+
+A structured READ reply is its data and hole chunks, the last flagged DONE (no NONE
+chunk after it).  Chunks of different replies may interleave, as the spec allows, but
+never mix.  With ``shuffle_replies`` each reply first waits a random number of scheduler
+turns, READ replies are cut into several chunks sent in random order, and each chunk is
+queued on its own so chunks of different replies interleave: clients' reply hand-off and
+reassembly get exercised.
 
 Every request is checked the way the spec's "Error values" section asks (unknown command
 or flag, unaligned, out of range, too long, read-only, no meta context) and answered with
@@ -23,38 +38,44 @@ disconnect; nothing is ever allocated from an unchecked length.
 
 Fault hooks (:mod:`blockdrv.server.faults`) of the export and of the connection are
 consulted only when active.  ``stop()`` (graceful shutdown) stops reading requests and
-lets the ones in progress finish; ``kill()`` shuts the socket down at once, as a crash
-would.
+lets the ones in progress finish, for at most ``shutdown_timeout`` seconds (a client that
+does not read its replies cannot hold the server up); ``kill()`` shuts the socket down at
+once, as a crash would.
+
+The connection gets the server's settings and counters (:mod:`blockdrv.server.config`),
+never the server itself.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import itertools
 import logging
 import random
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Iterable, Iterator
 
 import trio
-from trio_util import AsyncValue
 
 from ..protocol.constants import (
     ALLOWED_COMMAND_FLAGS,
     BASE_ALLOCATION,
     DEFAULT_MAX_PAYLOAD,
     WRITING_COMMANDS,
-    ChunkType,
     Command,
     CommandFlag,
+    Option,
+    OptionReply,
     errno_to_wire,
 )
 from ..protocol.errors import ProtocolError
 from ..protocol.events import NEED_DATA, ClientAborted, ExportChosen, StartTLS
-from ..protocol.server_negotiate import ServerNegotiator
+from ..protocol.options import encode_option_reply, encode_rep_meta_context
+from ..protocol.server_negotiate import OptionAnswered, ServerNegotiator
 from ..protocol.wire import (
     Request,
     decode_request,
     encode_block_status_chunk,
-    encode_chunk_header,
     encode_data_chunk_header,
     encode_error_chunk,
     encode_hole_chunk,
@@ -64,25 +85,57 @@ from ..protocol.wire import (
 )
 from ..tls import TLSError, upgrade
 from ..transport import Channel, TransportError
-from .backends import FastZeroUnsupported, Segment
+from .backends import MAX_EXTENTS, FastZeroUnsupported
+from .config import ServerConfig, ServerCounters
 from .export import Export
-from .faults import Faults
-
-if TYPE_CHECKING:
-    from .server import NBDServer
+from .faults import (
+    FLOOD_COMMANDS,
+    FLOOD_OPTIONS,
+    Faults,
+    FloodRule,
+    R,
+    SlowlorisRule,
+    TinyChunksRule,
+    UnrequestedContextRule,
+    flood_chunks,
+    flood_option_replies,
+    malform,
+    trickle,
+)
+from .segments import coarsen, cut_into_pieces, flatten, split_at_random
+from .writer import MAX_SEND_BUFFERS, Buffers, ReplyWriter
 
 log = logging.getLogger("blockdrv.server")
 
-Buffers = list["bytes | bytearray | memoryview"]
 Chunk = Buffers  # the buffers of one chunk (or simple reply), sent together
+Hooks = tuple[Faults, ...]  # the fault hooks active for a request (usually none)
 
-PAYLOAD_BUDGET = 256 * 1024 * 1024
+REPLY_OVERHEAD = 8192
+"""What a request without data is charged: headers, an error message."""
+BLOCK_STATUS_COST = MAX_EXTENTS * 16 + 64
+"""What a block status reply may take per meta context (extended descriptors)."""
+FLOOD_BATCH = 64  # flood replies per send (and per checkpoint)
+CHECKPOINT_EVERY = 64  # requests read between two checkpoints of the reader (at most)
 _RANGELESS = (Command.FLUSH, Command.DISC)
+_COMMANDS = {int(command): command for command in ALLOWED_COMMAND_FLAGS}  # served ones
+_NOT_ALLOWED = {command: ~int(flags) for command, flags in ALLOWED_COMMAND_FLAGS.items()}
+_DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
+_WRITE, _DISC = int(Command.WRITE), int(Command.DISC)
 _LENGTH_LIMITED = (Command.READ, Command.WRITE, Command.CACHE)
+_ANSWERS = (OptionAnswered, ExportChosen, ClientAborted, StartTLS)  # an option answered
 
 
 class _Dropped(Exception):
     """Internal: a fault hook cut the connection."""
+
+
+class _Flood(Exception):
+    """Internal: the handshake ends in a flood (sent outside the handshake deadline)."""
+
+    def __init__(self, prefix: bytes, replies: Iterator[bytes]) -> None:
+        super().__init__("flood")
+        self.prefix = prefix
+        self.replies = replies
 
 
 class _Failure(Exception):
@@ -97,21 +150,27 @@ class _Failure(Exception):
 class ServerConnection:
     """The server side of one client connection (see the module docstring)."""
 
-    def __init__(self, server: NBDServer, stream: trio.abc.Stream, peer: str = "") -> None:
-        self.server = server
+    def __init__(self, config: ServerConfig, counters: ServerCounters,
+                 stream: trio.abc.Stream, peer: str = "", *, seed: int | None = None) -> None:
+        self.config = config
+        self.counters = counters
         self.channel = Channel(stream)
         self.peer = peer
-        self.faults = Faults(seed=server.rng.randrange(1 << 32))
+        rng = random.Random(seed)
+        self.faults = Faults(seed=rng.randrange(1 << 32))
         self.export: Export | None = None
         self.structured = self.extended = False
         self.contexts: dict[int, str] = {}
         self.requests = 0
-        self.send_lock = trio.Lock()
-        self._rng = random.Random(server.rng.randrange(1 << 32))
+        self.held = 0  # bytes charged to the requests in progress (the budget)
+        self.running = 0  # requests in progress
+        self._room: trio.Event | None = None  # set when a request ends, if intake waits
+        self.writer = ReplyWriter(self.channel, self._sent)  # every reply (transmission)
+        self._rng = random.Random(rng.randrange(1 << 32))
         self._scope = trio.CancelScope()  # the whole connection
         self._reading = trio.CancelScope()  # the request reader only
-        self._payload_bytes = AsyncValue(0)
-        self._handlers: dict[Command, Callable[[Request, bytearray | None],
+        self._handshake_deadline = trio.CancelScope()  # replaced by run()
+        self._handlers: dict[Command, Callable[[Request, bytearray | None, Hooks],
                                                Awaitable[list[Chunk] | None]]] = {
             Command.READ: self._read,
             Command.WRITE: self._write,
@@ -124,15 +183,24 @@ class ServerConnection:
 
     def __repr__(self) -> str:
         name = self.export.name if self.export else None
-        return f"<ServerConnection {self.peer} export={name!r} requests={self.requests}>"
+        return (f"<ServerConnection {self.peer} export={name!r} requests={self.requests} "
+                f"held={self.held}>")
+
+    @property
+    def handshaking(self) -> bool:
+        """True until the client has entered transmission."""
+        return self.export is None
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Graceful: stop reading requests, finish those in progress, then close."""
+        """Graceful: stop reading requests, finish those in progress (for at most
+        ``shutdown_timeout`` seconds), then close."""
         if self.export is None:
             self._scope.cancel()  # still in the handshake: nothing to finish
         self._reading.cancel()
+        deadline = trio.current_time() + self.config.shutdown_timeout
+        self._scope.deadline = min(self._scope.deadline, deadline)
 
     def kill(self) -> None:
         """Abrupt: shut the socket down now, as if the server crashed."""
@@ -143,9 +211,22 @@ class ServerConnection:
         """Serve the connection until the client leaves, breaks the rules, or we stop."""
         try:
             with self._scope:
-                chosen = await self._handshake()
-                if chosen is not None:
+                chosen = flood = None
+                with trio.move_on_after(self.config.handshake_timeout) as deadline:
+                    self._handshake_deadline = deadline
+                    try:
+                        chosen = await self._handshake()
+                    except _Flood as raised:
+                        flood = raised
+                if flood is not None:  # until the client goes away, however long
+                    await self._flood([flood.prefix], flood.replies)
+                elif deadline.cancelled_caught:
+                    log.debug("connection %s: no handshake within %g s", self.peer,
+                              self.config.handshake_timeout)
+                elif chosen is not None:
                     await self._transmission(chosen)
+            if self._scope.cancelled_caught and self.export is not None:
+                log.debug("connection %s: cut at shutdown", self.peer)
         except* (TransportError, ProtocolError, TLSError, _Dropped) as group:
             for exc in group.exceptions:
                 log.debug("connection %s ended: %s", self.peer, exc)
@@ -155,18 +236,23 @@ class ServerConnection:
     # --- handshake ----------------------------------------------------------------------
 
     async def _handshake(self) -> ExportChosen | None:
-        server = self.server
-        neg = ServerNegotiator({e.name: e.offer() for e in server.exports.values()},
-                               tls=server.tls.mode, structured=server.structured,
-                               extended=server.extended, allow_list=server.allow_list,
-                               default_export=server.default_export)
+        config = self.config
+        neg = ServerNegotiator(config.offers(), tls=config.tls.mode,
+                               structured=config.structured, extended=config.extended,
+                               allow_list=config.allow_list,
+                               default_export=config.default_export, step_options=True)
         while True:
             try:
                 event = neg.next_event()
-            finally:
-                out = neg.data_to_send()
-                if out:
-                    await self.channel.send(out)
+            except ProtocolError:
+                await self.channel.send(neg.data_to_send())  # an error reply, maybe
+                raise
+            out = neg.data_to_send()
+            if isinstance(event, _ANSWERS):
+                await self._answer_option(neg, out)
+                await trio.lowlevel.checkpoint()  # however fast a client sends options
+            elif out:
+                await self.channel.send(out)  # the greeting
             if event is NEED_DATA:
                 neg.receive_data(await self.channel.receive_some())
             elif isinstance(event, ExportChosen):
@@ -175,46 +261,126 @@ class ServerConnection:
             elif isinstance(event, ClientAborted):
                 return None
             elif isinstance(event, StartTLS):
-                await upgrade(self.channel, server.tls, server_side=True)
+                await upgrade(self.channel, config.tls, server_side=True)
                 neg.tls_started()
+
+    async def _answer_option(self, neg: ServerNegotiator, out: bytes) -> None:
+        """Send the answer to the option just handled, as the hostile modes say."""
+        option = neg.last_option
+        assert option is not None
+        export = self.config.exports[neg.last_export or self.config.default_export]
+        hooks = [f for f in (self.faults, export.faults) if f.active]
+        if not hooks:
+            await self.channel.send(out)
+            return
+        ack = encode_option_reply(option, OptionReply.ACK)
+        answered = out.endswith(ack)  # not refused: the modes below make sense
+        first_id = max(neg.contexts, default=0) + 1
+        if answered and option in FLOOD_OPTIONS and \
+                _first(f.mode_for_option(FloodRule, option) for f in hooks):
+            raise _Flood(out[:-len(ack)], flood_option_replies(option, export.name,
+                                                               first_id))
+        if answered and option == Option.SET_META_CONTEXT:
+            evil = _first(f.mode_for_option(UnrequestedContextRule, option) for f in hooks)
+            if evil is not None:
+                out = encode_option_reply(option, OptionReply.META_CONTEXT,
+                                          encode_rep_meta_context(first_id, evil.name)) + out
+        slow = _first(f.mode_for_option(SlowlorisRule, option) for f in hooks)
+        if slow is not None:
+            await self._send_trickled([out], slow)
+        else:
+            await self.channel.send(out)
 
     # --- transmission -------------------------------------------------------------------
 
     async def _transmission(self, chosen: ExportChosen) -> None:
-        self.export = export = self.server.exports[chosen.name]
+        self.export = export = self.config.exports[chosen.name]
         self.structured, self.extended = chosen.structured, chosen.extended
         self.contexts = chosen.contexts
-        header_size = request_size(self.extended)
-        in_progress = trio.Semaphore(self.server.max_requests)
-        async with trio.open_nursery() as nursery:
-            with self._reading:
-                while True:
-                    await in_progress.acquire()
-                    await self._wait_stall()
-                    header = await self.channel.receive_exactly(header_size)
-                    request = decode_request(header, extended=self.extended)
-                    payload = None
-                    if request.command == Command.WRITE:
-                        payload = await self._receive_payload(request.length)
-                    self.requests += 1
-                    for faults in (export.faults, self.faults):
-                        if faults.active and faults.request_arrived():
-                            self.channel.shutdown()
-                            raise _Dropped("fault hook: connection dropped after a request")
-                    if request.command == Command.DISC:
-                        break
-                    nursery.start_soon(self._serve, request, payload, in_progress)
+        async with trio.open_nursery() as writing:
+            writing.start_soon(self.writer.run)
+            try:
+                async with trio.open_nursery() as nursery:
+                    with self._reading:
+                        await self._read_requests(export, nursery)
+            finally:
+                self.writer.close()  # run() returns once every reply has left
 
-    async def _receive_payload(self, length: int) -> bytearray:
+    async def _read_requests(self, export: Export, nursery: trio.Nursery) -> None:
+        """The reader loop: requests in, each executed inline (a backend that never
+        blocks, no hooks) or in a task of its own."""
+        header_size, extended = request_size(self.extended), self.extended
+        max_requests, budget = self.config.max_requests, self.config.buffer_budget
+        immediate = export.backend.immediate and not self.config.shuffle_replies
+        theirs, ours = export.faults, self.faults
+        receive, cost_of, answer = self.channel.receive_exactly, self._cost, self._answer
+        while True:  # (the hot path: locals, no task, no checkpoint, for most requests)
+            if theirs.active or ours.active:
+                await self._wait_stall()
+            request = decode_request(await receive(header_size), extended=extended)
+            command = request.command
+            cost = cost_of(request)
+            if self.running >= max_requests or (self.held and self.held + cost > budget):
+                await self._wait_for_room(cost)
+            self.running += 1
+            self.held += cost
+            payload = None
+            if command == _WRITE:
+                payload = bytearray(request.length)
+                await self.channel.receive_into(memoryview(payload))
+            self.requests += 1
+            hooked = theirs.active or ours.active
+            if hooked and (theirs.active and theirs.request_arrived()
+                           or ours.active and ours.request_arrived()):
+                self.channel.shutdown()
+                raise _Dropped("fault hook: connection dropped after a request")
+            if command == _DISC:
+                self._sent(cost)
+                return
+            if immediate and not hooked:
+                await answer(request, payload, cost)  # no task: nothing will wait
+            else:
+                nursery.start_soon(self._serve, request, payload, cost)
+            if not self.requests % CHECKPOINT_EVERY:
+                # Reads from the read-ahead buffer do not yield: a client that keeps it
+                # full must not keep the rest of the server waiting.
+                await trio.lowlevel.checkpoint()
+
+    def _cost(self, request: Request) -> int:
+        """Bytes a request may make us hold until its reply has left (the budget's
+        charge); a WRITE payload over the spec's bound is a ProtocolError here, before
+        anything is allocated."""
         assert self.export is not None
-        if length > max(self.export.max_payload, DEFAULT_MAX_PAYLOAD):
-            raise ProtocolError(f"write payload of {length} bytes is too large")
-        budget = self._payload_bytes
-        await budget.wait_value(lambda held: held == 0 or held + length <= PAYLOAD_BUDGET)
-        budget.value += length
-        payload = bytearray(length)
-        await self.channel.receive_into(memoryview(payload))
-        return payload
+        command, length = request.command, request.length
+        if command == Command.WRITE:
+            if length > max(self.export.max_payload, DEFAULT_MAX_PAYLOAD):
+                raise ProtocolError(f"write payload of {length} bytes is too large")
+            return max(length, REPLY_OVERHEAD)
+        if command == Command.READ and length <= self.export.max_payload:
+            return max(length, REPLY_OVERHEAD)  # (chunk headers are a rounding error)
+        if command == Command.BLOCK_STATUS:
+            return REPLY_OVERHEAD + len(self.contexts) * BLOCK_STATUS_COST
+        return REPLY_OVERHEAD
+
+    async def _wait_for_room(self, cost: int) -> None:
+        """Wait (not reading requests) until one more request of ``cost`` bytes fits
+        the request count and the budget; a request alone always fits."""
+        max_requests, budget = self.config.max_requests, self.config.buffer_budget
+        while self.running >= max_requests or (self.held and self.held + cost > budget):
+            self._room = trio.Event()
+            await self._room.wait()
+        self._room = None
+
+    def _request_mode(self, kind: type[R], request: Request) -> R | None:
+        """The rule of a hostile mode that fires for this request, if one does."""
+        assert self.export is not None
+        for faults in (self.export.faults, self.faults):
+            if faults.active:
+                rule = faults.mode_for_request(kind, Command(request.command),
+                                               request.offset, request.length)
+                if rule is not None:
+                    return rule
+        return None
 
     async def _wait_stall(self) -> None:
         assert self.export is not None
@@ -222,41 +388,76 @@ class ServerConnection:
             if faults.active:
                 await faults.wait_stall()
 
-    async def _serve(self, request: Request, payload: bytearray | None,
-                     in_progress: trio.Semaphore) -> None:
-        self.server.requests_in_progress.value += 1
+    def _hooks(self) -> Hooks:
+        """The fault hooks active now (of the export and of this connection)."""
+        assert self.export is not None
+        if not (self.export.faults.active or self.faults.active):
+            return ()
+        return tuple(f for f in (self.export.faults, self.faults) if f.active)
+
+    async def _serve(self, request: Request, payload: bytearray | None, cost: int) -> None:
+        """:meth:`_answer` in a task of its own, counted in ``requests_in_progress``
+        until its reply is queued."""
+        in_progress = self.counters.requests_in_progress
+        in_progress.value += 1
         try:
+            await self._answer(request, payload, cost)
+        finally:
+            in_progress.value -= 1
+
+    async def _answer(self, request: Request, payload: bytearray | None, cost: int) -> None:
+        """Execute a request and queue its reply; what it was charged is released once
+        the reply has left (:meth:`_sent`)."""
+        queued = False
+        try:
+            hooks = self._hooks()
+            if hooks and request.command in FLOOD_COMMANDS and self.structured and \
+                    (self.contexts or request.command == Command.READ) and \
+                    self._request_mode(FloodRule, request):
+                replies = flood_chunks(request, extended=self.extended,
+                                       context_id=min(self.contexts, default=0))
+                self.writer.run_exclusive(functools.partial(self._flood, [], replies))
+                return  # never answered: the flood ends with the connection
             try:
-                chunks = await self._execute(request, payload)
+                chunks = await self._execute(request, payload, hooks)
             except _Failure as failure:
                 chunks = [self._error_chunk(request, failure.code, failure.message)]
             if chunks is None:
                 chunks = [self._ok_chunk(request)]
-            await self._send_reply(request, chunks)
-            self.server.requests_served += 1
+            del payload  # stored: only the reply is held now
+            hooks = self._hooks()  # hooks set while the request ran apply to its reply
+            if hooks or self.config.shuffle_replies:
+                await self._queue_with_hooks(request, chunks, hooks, cost)
+            else:
+                self.writer.send(chunks[0] if len(chunks) == 1 else
+                                 [b for chunk in chunks for b in chunk], cost)
+            queued = True
         finally:
-            self.server.requests_in_progress.value -= 1
-            in_progress.release()
-            if payload is not None:
-                self._payload_bytes.value -= len(payload)
+            if not queued:
+                self._sent(cost)
 
-    async def _execute(self, request: Request,
-                       payload: bytearray | None) -> list[Chunk] | None:
-        export = self.export
-        assert export is not None
+    def _sent(self, cost: int) -> None:
+        """A request's reply has left (or never will): release what it was charged."""
+        self.counters.requests_served += 1
+        self.running -= 1
+        self.held -= cost
+        if self._room is not None:
+            self._room.set()
+
+    async def _execute(self, request: Request, payload: bytearray | None,
+                       hooks: Hooks) -> list[Chunk] | None:
         command = self._check(request)
-        for faults in (export.faults, self.faults):
-            if faults.active:
-                delay = faults.delay_for(command)
-                if delay:
-                    await trio.sleep(delay)
-                code = faults.failure_for(command, request.offset, request.length)
-                if code is not None:
-                    raise _Failure(code, "injected fault")
-                if command in (Command.WRITE, Command.WRITE_ZEROES) and faults.lose_write():
-                    return None
+        for faults in hooks:
+            delay = faults.delay_for(command)
+            if delay:
+                await trio.sleep(delay)
+            code = faults.failure_for(command, request.offset, request.length)
+            if code is not None:
+                raise _Failure(code, "injected fault")
+            if command in (Command.WRITE, Command.WRITE_ZEROES) and faults.lose_write():
+                return None
         try:
-            return await self._handlers[command](request, payload)
+            return await self._handlers[command](request, payload, hooks)
         except FastZeroUnsupported:
             raise _Failure(errno.ENOTSUP, "fast zero is not possible here") from None
         except OSError as exc:
@@ -266,15 +467,13 @@ class ServerConnection:
         """The spec's checks on a request; raises _Failure with the errno to send."""
         export = self.export
         assert export is not None
-        try:
-            command = Command(request.command)
-            allowed = ALLOWED_COMMAND_FLAGS[command]
-        except (ValueError, KeyError):
-            raise _Failure(errno.EINVAL, f"unknown command {request.command}") from None
+        command = _COMMANDS.get(request.command)
+        if command is None:
+            raise _Failure(errno.EINVAL, f"unknown command {request.command}")
         flags, offset, length = request.flags, request.offset, request.length
-        if flags & ~allowed:
+        if flags & _NOT_ALLOWED[command]:
             raise _Failure(errno.EINVAL, "flag not valid for this command")
-        if flags & CommandFlag.DF and not self.structured:
+        if flags & _DF and not self.structured:
             raise _Failure(errno.EINVAL, "DF needs structured replies")
         if command in WRITING_COMMANDS and export.read_only:
             raise _Failure(errno.EPERM, "the export is read-only")
@@ -290,25 +489,26 @@ class ServerConnection:
             raise _Failure(code, "request beyond the end of the export")
         if offset % export.min_block or length % export.min_block:
             raise _Failure(errno.EINVAL, "request not aligned to the minimum block size")
-        limited = command in _LENGTH_LIMITED or (
-            command == Command.WRITE_ZEROES and not flags & CommandFlag.FAST_ZERO)
-        if limited and length > export.max_payload:
+        # WRITE_ZEROES and TRIM carry no payload: like qemu-nbd, accept any length
+        # inside the export (nbdcopy and libnbd send 128 MiB zeroes to a 32 MiB server).
+        if command in _LENGTH_LIMITED and length > export.max_payload:
             raise _Failure(errno.EINVAL, "request longer than the maximum block size")
         return command
 
     # --- commands (each returns the reply's chunks, or None for a plain success) -----------
 
-    async def _read(self, request: Request, payload: bytearray | None) -> list[Chunk]:
+    async def _read(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> list[Chunk]:
         assert self.export is not None
         segments = await self.export.backend.read(request.offset, request.length)
         cookie, extended = request.cookie, self.extended
-        for faults in (self.export.faults, self.faults):
-            if faults.active and faults.serve_stale():
-                flat = bytearray().join(_flatten(segments))
+        for faults in hooks:
+            if faults.serve_stale():
+                flat = bytearray().join(flatten(segments))
                 if faults.overlay_stale(request.offset, flat):
                     segments = [(request.offset, len(flat), [memoryview(flat)])]
-        if not self.structured or request.flags & CommandFlag.DF:
-            data = _flatten(segments)
+        if not self.structured or request.flags & _DF:
+            data = flatten(segments)
             if not self.structured:
                 return [[encode_simple_reply(cookie), *data]]
             n = sum(len(b) for b in data)
@@ -316,46 +516,58 @@ class ServerConnection:
                 return [[encode_none_chunk(cookie, extended=extended)]]
             return [[encode_data_chunk_header(cookie, request.offset, n, done=True,
                                               extended=extended), *data]]
-        if self.server.shuffle_replies:
-            segments = _split(segments, self._rng)
+        tiny = self._request_mode(TinyChunksRule, request) if hooks else None
+        if tiny is not None:
+            segments = cut_into_pieces(segments, functools.partial(tiny.piece_size,
+                                                                   self._rng))
             self._rng.shuffle(segments)
+        elif self.config.shuffle_replies:
+            segments = split_at_random(segments, self._rng)
+            self._rng.shuffle(segments)
+        if not segments:
+            return [[encode_none_chunk(cookie, extended=extended)]]
+        last = len(segments) - 1  # DONE rides on the last chunk: no NONE chunk after it
         chunks: list[Chunk] = []
-        for at, n, views in segments:
+        for i, (at, n, views) in enumerate(segments):
             if views is None:
-                chunks.append([encode_hole_chunk(cookie, at, n, done=False,
+                chunks.append([encode_hole_chunk(cookie, at, n, done=i == last,
                                                  extended=extended)])
             else:
-                chunks.append([encode_data_chunk_header(cookie, at, n, done=False,
+                chunks.append([encode_data_chunk_header(cookie, at, n, done=i == last,
                                                         extended=extended), *views])
-        chunks.append([encode_none_chunk(cookie, extended=extended)])
         return chunks
 
-    async def _write(self, request: Request, payload: bytearray | None) -> None:
+    async def _write(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None and payload is not None
         old: bytes | None = None  # read once, even when both hooks want it
-        for faults in (self.export.faults, self.faults):
-            if faults.active and faults.stale_rate:
+        for faults in hooks:
+            if faults.stale_rate:
                 if old is None:
                     segments = await self.export.backend.read(request.offset, request.length)
-                    old = b"".join(_flatten(segments))
+                    old = b"".join(flatten(segments))
                 faults.remember(request.offset, old)
         await self.export.backend.write(request.offset, payload,
-                                        fua=bool(request.flags & CommandFlag.FUA))
+                                        fua=bool(request.flags & _FUA))
 
-    async def _flush(self, request: Request, payload: bytearray | None) -> None:
+    async def _flush(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.flush()
 
-    async def _trim(self, request: Request, payload: bytearray | None) -> None:
+    async def _trim(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.trim(request.offset, request.length,
-                                       fua=bool(request.flags & CommandFlag.FUA))
+                                       fua=bool(request.flags & _FUA))
 
-    async def _cache(self, request: Request, payload: bytearray | None) -> None:
+    async def _cache(self, request: Request, payload: bytearray | None,
+                     hooks: Hooks) -> None:
         assert self.export is not None
         await self.export.backend.cache(request.offset, request.length)
 
-    async def _zero(self, request: Request, payload: bytearray | None) -> None:
+    async def _zero(self, request: Request, payload: bytearray | None,
+                    hooks: Hooks) -> None:
         assert self.export is not None
         flags = request.flags
         await self.export.backend.zero(request.offset, request.length,
@@ -363,21 +575,22 @@ class ServerConnection:
                                        fast=bool(flags & CommandFlag.FAST_ZERO),
                                        fua=bool(flags & CommandFlag.FUA))
 
-    async def _block_status(self, request: Request,
-                            payload: bytearray | None) -> list[Chunk]:
+    async def _block_status(self, request: Request, payload: bytearray | None,
+                            hooks: Hooks) -> list[Chunk]:
         assert self.export is not None
         export = self.export
         extents = await export.backend.block_status(request.offset, request.length)
         if export.min_block > 1:
-            extents = _coarsen(extents, export.min_block)
+            extents = coarsen(extents, export.min_block)
         if request.flags & CommandFlag.REQ_ONE:
             extents = extents[:1]
         chunks: list[Chunk] = []
-        for context_id, name in self.contexts.items():
+        last = len(self.contexts)
+        for i, (context_id, name) in enumerate(self.contexts.items(), start=1):
             status = extents if name == BASE_ALLOCATION else [(request.length, 0)]
             chunks.append([encode_block_status_chunk(request.cookie, context_id, status,
-                                                     done=False, extended=self.extended)])
-        chunks.append([encode_none_chunk(request.cookie, extended=self.extended)])
+                                                     done=i == last,
+                                                     extended=self.extended)])
         return chunks
 
     # --- replies --------------------------------------------------------------------
@@ -394,90 +607,64 @@ class ServerConnection:
                                        extended=self.extended)]
         return [encode_simple_reply(request.cookie, wire)]
 
-    async def _send_reply(self, request: Request, chunks: list[Chunk]) -> None:
-        export = self.export
-        assert export is not None
-        if self.server.shuffle_replies:
+    async def _queue_with_hooks(self, request: Request, chunks: list[Chunk],
+                                hooks: Hooks, cost: int) -> None:
+        """Queue a reply chunk by chunk, as shuffling and the fault hooks say."""
+        shuffle = self.config.shuffle_replies
+        if shuffle:
             for _ in range(self._rng.randrange(8)):
                 await trio.lowlevel.checkpoint()
-        for faults in (export.faults, self.faults):
-            if faults.active:
-                kind = faults.malform()
-                if kind is not None:
-                    chunks = _malform(chunks, kind, request, self.extended)
-                cut = faults.reply_cut()
-                if cut is not None:
-                    await self._send_cut(chunks, cut)
-        for chunk in chunks:
-            await self._wait_stall()
-            async with self.send_lock:
-                await self.channel.send(*chunk)
+        for faults in hooks:
+            kind = faults.malform()
+            if kind is not None:
+                chunks = malform(chunks, kind, request.cookie, self.extended)
+            cut = faults.reply_cut()
+            if cut is not None:
+                self.writer.run_exclusive(functools.partial(self._send_cut, chunks, cut),
+                                          cost)
+                return
+        slow = self._request_mode(SlowlorisRule, request) if hooks else None
+        last = len(chunks) - 1
+        for i, chunk in enumerate(chunks):
+            if shuffle and i:  # let other replies' chunks in between
+                for _ in range(self._rng.randrange(3)):
+                    await trio.lowlevel.checkpoint()
+            self.writer.run_exclusive(functools.partial(self._send_chunk, chunk, slow),
+                                      cost if i == last else None)
+
+    async def _send_chunk(self, chunk: Chunk, slow: SlowlorisRule | None) -> None:
+        """One chunk, after any stall, trickled if slowloris says so (a writer action)."""
+        await self._wait_stall()
+        if slow is not None:
+            await self._send_trickled(chunk, slow)
+        else:
+            for i in range(0, len(chunk), MAX_SEND_BUFFERS):
+                await self.channel.send(*chunk[i:i + MAX_SEND_BUFFERS])
+
+    async def _send_trickled(self, buffers: Iterable[bytes | bytearray | memoryview],
+                             rule: SlowlorisRule) -> None:
+        """Send ``buffers`` a few bytes at a time, ``rule.delay`` apart (slowloris)."""
+        for piece in trickle(buffers, rule.max_piece, self._rng):
+            await self.channel.send(piece)
+            await trio.sleep(rule.delay)
+            if self.export is None:  # our own delays do not count against the client
+                self._handshake_deadline.deadline += rule.delay
+
+    async def _flood(self, prefix: Buffers, replies: Iterator[bytes]) -> None:
+        """Send ``prefix``, then ``replies`` until the client goes away (TransportError);
+        made as they go, a batch at a time, with a checkpoint after each batch."""
+        await self.channel.send(*prefix)
+        while True:
+            await self.channel.send(b"".join(itertools.islice(replies, FLOOD_BATCH)))
+            await trio.lowlevel.checkpoint()
 
     async def _send_cut(self, chunks: list[Chunk], cut: int) -> None:
         data = b"".join(b for chunk in chunks for b in chunk)
-        async with self.send_lock:
-            await self.channel.send(data[:cut])
-            self.channel.shutdown()
+        await self.channel.send(data[:cut])
+        self.channel.shutdown()
         raise _Dropped(f"fault hook: reply cut after {cut} bytes")
 
 
-def _flatten(segments: list[Segment]) -> Buffers:
-    """The buffers of a read with holes filled in as zeroes."""
-    out: Buffers = []
-    for _, n, views in segments:
-        out.extend(views if views is not None else [bytes(n)])
-    return out
-
-
-def _split(segments: list[Segment], rng: random.Random) -> list[Segment]:
-    """Cut segments into smaller ones at random points (for shuffled replies)."""
-    out: list[Segment] = []
-    for at, n, views in segments:
-        if n < 2 or rng.random() < 0.5:
-            out.append((at, n, views))
-            continue
-        cut = rng.randrange(1, n)
-        if views is None:
-            out += [(at, cut, None), (at + cut, n - cut, None)]
-        else:
-            flat = memoryview(b"".join(views))
-            out += [(at, cut, [flat[:cut]]), (at + cut, n - cut, [flat[cut:]])]
-    return out
-
-
-def _coarsen(extents: Sequence[tuple[int, int]], block: int) -> list[tuple[int, int]]:
-    """Round extents to multiples of ``block``; a block with any data counts as data."""
-    out: list[tuple[int, int]] = []
-    pos = carry = 0
-    carry_flags = -1
-    for length, flags in extents:
-        end = pos + length
-        while pos < end:
-            take = min(end - pos, block - carry)
-            carry_flags = flags if carry_flags < 0 else carry_flags & flags
-            carry += take
-            pos += take
-            if carry == block:
-                if out and out[-1][1] == carry_flags:
-                    out[-1] = (out[-1][0] + block, carry_flags)
-                else:
-                    out.append((block, carry_flags))
-                carry, carry_flags = 0, -1
-    if carry:
-        out.append((carry, carry_flags))
-    return out
-
-
-def _malform(chunks: list[Chunk], kind: str, request: Request,
-             extended: bool) -> list[Chunk]:
-    """Corrupt the first chunk's header as the fault hook asks."""
-    first = bytearray(chunks[0][0])
-    if kind == "bad-magic":
-        first[0:4] = b"\xde\xad\xbe\xef"
-    elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header
-        first[8:16] = (request.cookie ^ 0x5A5A_0000_0000_0000).to_bytes(8, "big")
-    else:  # oversized-length: a chunk claiming far more payload than any cap allows
-        header = encode_chunk_header(request.cookie, ChunkType.OFFSET_DATA, 0xFFFFFFF0,
-                                     done=True, extended=extended)
-        return [[header]]
-    return [[bytes(first), *chunks[0][1:]], *chunks[1:]]
+def _first(rules: Iterable[R | None]) -> R | None:
+    """The first rule that is not None (the iterable is consumed only so far)."""
+    return next((rule for rule in rules if rule is not None), None)

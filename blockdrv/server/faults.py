@@ -24,23 +24,76 @@ hook                   effect
                        rate): the server serves stale data
 =====================  ================================================================
 
-Counters in :attr:`Faults.injected` say how many faults of each kind were injected.
+Hostile modes (for fuzzing clients; each is a :class:`ModeRule`, a
+:class:`~blockdrv.triggers.Trigger` that also matches handshake options, so it fires on
+the same every/after/rate/times schedule; :meth:`Faults.remove` takes it off again):
+
+=========================  ============================================================
+mode (``injected`` key)    effect
+=========================  ============================================================
+``flood`` ("flood")        an option or request is answered with an endless stream,
+                           made on the fly (never held), until the client goes away:
+                           GO/INFO endless NBD_REP_INFO (NBD_INFO_NAME and unknown info
+                           types, in turn), LIST endless NBD_REP_SERVER, SET/LIST_META_
+                           CONTEXT endless NBD_REP_META_CONTEXT (distinct names and
+                           ids), READ endless ERROR chunks without DONE, BLOCK_STATUS
+                           endless block status chunks; the server's real answer comes
+                           first, without its final ACK or DONE
+``tiny_chunks``            a structured READ reply is cut into chunks of ``min_size`` to
+("tiny-chunks")            ``max_size`` bytes sent in a random (seeded) order
+``unrequested_context``    SET_META_CONTEXT is also answered with a context the client
+("unrequested-context")    did not ask for (``qemu:evil`` by default) under a fresh id
+``slowloris``              a reply (option replies and/or transmission replies) is sent
+("slowloris")              a few bytes at a time (1 to ``max_piece``), ``delay`` seconds
+                           apart, correct otherwise
+=========================  ============================================================
+
+During the handshake the connection's hooks apply, and those of the export an option
+names (the default export's for LIST); in transmission, the connection's and its
+export's.  Counters in :attr:`Faults.injected` say how many faults of each kind were
+injected (a hostile mode counts each option or reply it changed).
 """
 
 from __future__ import annotations
 
 import collections
 import errno as _errno
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, TypeVar
 
 import trio
 
-from ..protocol.constants import Command
+from ..protocol.constants import (
+    ChunkType,
+    Command,
+    Info,
+    Option,
+    OptionReply,
+    errno_to_wire,
+)
+from ..protocol.options import (
+    encode_info_string,
+    encode_option_reply,
+    encode_rep_meta_context,
+    encode_rep_server,
+)
+from ..protocol.wire import (
+    Request,
+    encode_block_status_chunk,
+    encode_chunk_header,
+    encode_error_chunk,
+)
 from ..triggers import Trigger, command_of, commands_of, first_firing
 
 MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
+
+FLOOD_OPTIONS = frozenset({Option.GO, Option.INFO, Option.LIST, Option.SET_META_CONTEXT,
+                           Option.LIST_META_CONTEXT})
+FLOOD_COMMANDS = frozenset({Command.READ, Command.BLOCK_STATUS})
+EVIL_CONTEXT = "qemu:evil"
 
 
 @dataclass(eq=False)
@@ -48,6 +101,65 @@ class FailRule(Trigger):
     """Fail requests the trigger fires for with ``errno``."""
 
     errno: int = _errno.EIO
+
+
+def option_of(value: Option | int | str) -> Option | int:
+    """An option from an enum, a number, or a name like "go" or "set-meta-context"."""
+    if isinstance(value, str):
+        try:
+            return Option[value.upper().replace("-", "_")]
+        except KeyError:
+            raise ValueError(f"unknown option {value!r}") from None
+    return value
+
+
+@dataclass(eq=False)
+class ModeRule(Trigger):
+    """When a hostile mode applies: the requests a :class:`Trigger` matches (``commands``
+    None: all) and the handshake ``options`` (None: all; empty: none)."""
+
+    options: frozenset[int] | None = frozenset()
+
+    def fire_option(self, option: int, rng: random.Random) -> bool:
+        """Count an option; True when the rule fires for it."""
+        if self.options is not None and option not in self.options:
+            return False
+        return self.count(rng)
+
+
+@dataclass(eq=False)
+class FloodRule(ModeRule):
+    """Answer with an endless stream (see the module docstring)."""
+
+
+@dataclass(eq=False)
+class TinyChunksRule(ModeRule):
+    """Cut READ replies into chunks of ``min_size`` to ``max_size`` bytes, shuffled."""
+
+    min_size: int = 1
+    max_size: int = 512
+
+    def piece_size(self, rng: random.Random) -> int:
+        """The size of the next chunk."""
+        return rng.randint(self.min_size, self.max_size)
+
+
+@dataclass(eq=False)
+class UnrequestedContextRule(ModeRule):
+    """Offer the context ``name`` in answer to SET_META_CONTEXT as well."""
+
+    name: str = EVIL_CONTEXT
+
+
+@dataclass(eq=False)
+class SlowlorisRule(ModeRule):
+    """Send replies 1 to ``max_piece`` bytes at a time, ``delay`` seconds apart."""
+
+    max_piece: int = 8
+    delay: float = 0.01
+
+
+R = TypeVar("R", bound=ModeRule)
 
 
 @dataclass(eq=False)
@@ -69,6 +181,7 @@ class Faults:
     stale_rate: float = 0.0
     history: collections.deque[tuple[int, bytes]] = field(
         default_factory=lambda: collections.deque(maxlen=4096))
+    modes: list[ModeRule] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -77,7 +190,8 @@ class Faults:
     def _update(self) -> None:
         self.active = bool(self.delays or self.rules or self.drop_countdown is not None
                            or self.cut_countdown is not None or self.stall_until is not None
-                           or self.malformed_kind or self.lose_rate or self.stale_rate)
+                           or self.malformed_kind or self.lose_rate or self.stale_rate
+                           or self.modes)
 
     # --- configuration -----------------------------------------------------------------
 
@@ -100,10 +214,62 @@ class Faults:
         self._update()
         return rule
 
-    def remove(self, rule: FailRule) -> None:
-        """Remove a failure rule."""
-        self.rules.remove(rule)
+    def remove(self, rule: FailRule | ModeRule) -> None:
+        """Remove a failure rule or a hostile mode."""
+        if isinstance(rule, ModeRule):
+            self.modes.remove(rule)
+        else:
+            self.rules.remove(rule)
         self._update()
+
+    def _add_mode(self, rule: R, options: object, commands: object) -> R:
+        rule.options = None if options is None else frozenset(
+            option_of(o) for o in ([options] if isinstance(options, (str, int))
+                                   else options))  # type: ignore[attr-defined]
+        rule.commands = commands_of(commands)
+        self.modes.append(rule)
+        self._update()
+        return rule
+
+    def flood(self, options: object = FLOOD_OPTIONS, commands: object = FLOOD_COMMANDS, *,
+              every: int = 1, after: int = 0, rate: float = 1.0,
+              times: int | None = None) -> FloodRule:
+        """Answer matching options (of GO, INFO, LIST, SET/LIST_META_CONTEXT) and
+        requests (READ, BLOCK_STATUS) with an endless stream; ``options=()`` or
+        ``commands=()`` leaves that phase alone."""
+        return self._add_mode(FloodRule(every=every, after=after, rate=rate, times=times),
+                              options, commands)
+
+    def tiny_chunks(self, max_size: int = 512, *, min_size: int = 1, every: int = 1,
+                    after: int = 0, rate: float = 1.0,
+                    times: int | None = None) -> TinyChunksRule:
+        """Cut structured READ replies into ``min_size``..``max_size`` byte chunks sent
+        in a random order."""
+        if not 1 <= min_size <= max_size:
+            raise ValueError("need 1 <= min_size <= max_size")
+        rule = TinyChunksRule(every=every, after=after, rate=rate, times=times,
+                              min_size=min_size, max_size=max_size)
+        return self._add_mode(rule, (), Command.READ)
+
+    def unrequested_context(self, name: str = EVIL_CONTEXT, *, every: int = 1,
+                            after: int = 0, rate: float = 1.0,
+                            times: int | None = None) -> UnrequestedContextRule:
+        """Answer SET_META_CONTEXT with the context ``name`` too, which was not asked for."""
+        rule = UnrequestedContextRule(every=every, after=after, rate=rate, times=times,
+                                      name=name)
+        return self._add_mode(rule, Option.SET_META_CONTEXT, ())
+
+    def slowloris(self, max_piece: int = 8, delay: float = 0.01, *,
+                  options: object = None, commands: object = None, every: int = 1,
+                  after: int = 0, rate: float = 1.0,
+                  times: int | None = None) -> SlowlorisRule:
+        """Trickle matching option replies and transmission replies (default: all)
+        1 to ``max_piece`` bytes at a time, ``delay`` seconds apart."""
+        if max_piece < 1 or delay < 0:
+            raise ValueError("need max_piece >= 1 and delay >= 0")
+        rule = SlowlorisRule(every=every, after=after, rate=rate, times=times,
+                             max_piece=max_piece, delay=delay)
+        return self._add_mode(rule, options, commands)
 
     def drop_after(self, requests: int) -> None:
         """Cut the connection right after the ``requests``-th next request arrives."""
@@ -147,6 +313,7 @@ class Faults:
         self.malformed_kind = None
         self.lose_rate = self.stale_rate = 0.0
         self.history.clear()
+        self.modes.clear()
         self._update()
 
     # --- decisions (called by the server for each request or reply) -------------------
@@ -245,3 +412,89 @@ class Faults:
             self.injected["lost-write"] += 1
             return True
         return False
+
+    # --- hostile modes -----------------------------------------------------------------
+
+    def mode_for_option(self, kind: type[R], option: int) -> R | None:
+        """The first rule of a hostile mode that fires for this option (counted)."""
+        for rule in self.modes:
+            if isinstance(rule, kind) and rule.fire_option(option, self.rng):
+                self.injected[MODE_NAMES[kind]] += 1
+                return rule
+        return None
+
+    def mode_for_request(self, kind: type[R], command: Command, offset: int,
+                         length: int) -> R | None:
+        """The first rule of a hostile mode that fires for this request (counted)."""
+        for rule in self.modes:
+            if isinstance(rule, kind) and rule.fire(command, offset, length, self.rng):
+                self.injected[MODE_NAMES[kind]] += 1
+                return rule
+        return None
+
+
+MODE_NAMES: dict[type[ModeRule], str] = {
+    FloodRule: "flood", TinyChunksRule: "tiny-chunks",
+    UnrequestedContextRule: "unrequested-context", SlowlorisRule: "slowloris"}
+
+
+# --- what the hostile modes send ----------------------------------------------------------
+
+
+def flood_option_replies(option: int, export: str, first_id: int) -> Iterator[bytes]:
+    """The endless answer to an option (one of FLOOD_OPTIONS), reply after reply."""
+    for i in itertools.count():
+        if option in (Option.GO, Option.INFO):
+            if i % 2:  # an info type nobody defined, which clients must ignore
+                data = (0x4000 + i % 0x4000).to_bytes(2, "big") + i.to_bytes(8, "big")
+            else:
+                data = encode_info_string(Info.NAME, export)
+            yield encode_option_reply(option, OptionReply.INFO, data)
+        elif option == Option.LIST:
+            yield encode_option_reply(option, OptionReply.SERVER,
+                                      encode_rep_server(f"flood-{i}"))
+        else:
+            context_id = first_id + i if option == Option.SET_META_CONTEXT else 0
+            yield encode_option_reply(option, OptionReply.META_CONTEXT,
+                                      encode_rep_meta_context(context_id, f"qemu:flood-{i}"))
+
+
+def flood_chunks(request: Request, *, extended: bool, context_id: int) -> Iterator[bytes]:
+    """The endless reply to a READ (error chunks) or BLOCK_STATUS (status chunks), never
+    flagged DONE."""
+    eio = errno_to_wire(_errno.EIO)
+    for i in itertools.count():
+        if request.command == Command.READ:
+            yield encode_error_chunk(request.cookie, eio, f"flood {i}", done=False,
+                                     extended=extended)
+        else:
+            yield encode_block_status_chunk(request.cookie, context_id,
+                                            [(max(request.length, 1), 0)], done=False,
+                                            extended=extended)
+
+
+def trickle(buffers: Iterable[bytes | bytearray | memoryview], max_piece: int,
+            rng: random.Random) -> Iterator[memoryview]:
+    """The bytes of ``buffers`` in pieces of 1 to ``max_piece`` bytes (slowloris)."""
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        pos = 0
+        while pos < len(view):
+            n = rng.randint(1, max_piece)
+            yield view[pos:pos + n]
+            pos += n
+
+
+def malform(chunks: list[list[bytes | bytearray | memoryview]], kind: str, cookie: int,
+            extended: bool) -> list[list[bytes | bytearray | memoryview]]:
+    """A reply's chunks with the first one's header corrupted as ``kind`` (one of
+    MALFORMED_KINDS) says."""
+    first = bytearray(chunks[0][0])
+    if kind == "bad-magic":
+        first[0:4] = b"\xde\xad\xbe\xef"
+    elif kind == "unknown-cookie":  # the cookie sits at byte 8 in every reply header
+        first[8:16] = (cookie ^ 0x5A5A_0000_0000_0000).to_bytes(8, "big")
+    else:  # oversized-length: a chunk claiming far more payload than any cap allows
+        return [[encode_chunk_header(cookie, ChunkType.OFFSET_DATA, 0xFFFFFFF0, done=True,
+                                     extended=extended)]]
+    return [[bytes(first), *chunks[0][1:]], *chunks[1:]]
