@@ -41,24 +41,85 @@ from __future__ import annotations
 import abc
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, AsyncIterator, NamedTuple, Protocol, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, NamedTuple, Protocol, Sequence
 
 import trio
 from trio_util import AsyncValue
 
-from .protocol.constants import BASE_ALLOCATION
-from .protocol.errors import DeadlockError, InvalidArgumentError
+from .protocol.constants import BASE_ALLOCATION, StateFlag
+from .protocol.errors import DeadlockError, InvalidArgumentError, UnsupportedError
 
 if TYPE_CHECKING:
     from .protocol.export import ExportInfo
 
 
 class Extent(NamedTuple):
-    """A run of the export with the same status flags."""
+    """A run of the export with the same status flags, in one metadata context.
+
+    ``hole`` and ``zero`` read the flags as base:allocation defines them, ``dirty`` as
+    a ``qemu:dirty-bitmap:`` context does (bit 0); ask them of extents of that context.
+    """
 
     offset: int
     length: int
     flags: int
+
+    @property
+    def hole(self) -> bool:
+        """base:allocation: the range is not allocated (reads may still be non-zero)."""
+        return bool(self.flags & StateFlag.HOLE)
+
+    @property
+    def zero(self) -> bool:
+        """base:allocation: the range reads as zeroes."""
+        return bool(self.flags & StateFlag.ZERO)
+
+    @property
+    def dirty(self) -> bool:
+        """qemu:dirty-bitmap:NAME: the range changed since the bitmap was started."""
+        return bool(self.flags & 1)
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """A run of the export over which every context asked about keeps its flags: what
+    :meth:`BlockNode.extents` yields (allocation and dirty bits together, as
+    ovirt-imageio's ``extents(dirty=True)`` gives them)."""
+
+    offset: int
+    length: int
+    flags: Mapping[str, int]  # context name -> that context's flags here
+
+    @property
+    def hole(self) -> bool:
+        """Not allocated (base:allocation; False if that context was not asked about)."""
+        return bool(self.flags.get(BASE_ALLOCATION, 0) & StateFlag.HOLE)
+
+    @property
+    def zero(self) -> bool:
+        """Reads as zeroes (base:allocation; False if it was not asked about)."""
+        return bool(self.flags.get(BASE_ALLOCATION, 0) & StateFlag.ZERO)
+
+    @property
+    def dirty(self) -> bool:
+        """Changed, in any ``qemu:dirty-bitmap:`` context asked about."""
+        return any(flags & 1 for name, flags in self.flags.items()
+                   if name.startswith(DIRTY_BITMAP_PREFIX))
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+BlockStatus = dict[str, list[Extent]]
+"""Every negotiated context's extents over one range, by context name."""
+
+BLOCK_STATUS_WINDOW = 1 << 30
+"""Bytes asked about per BLOCK_STATUS request (servers answer the whole window or less;
+nbdkit 1.32 aborts on a request of 4 GiB - 1)."""
+
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 
 _SECTION_IO: ContextVar[bool] = ContextVar("blockdrv_drained_section_io", default=False)
@@ -68,7 +129,8 @@ _SECTION_IO: ContextVar[bool] = ContextVar("blockdrv_drained_section_io", defaul
 class IO(Protocol):
     """The I/O methods a port routes to (a node, a proxy, or a bypass)."""
 
-    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None: ...
+    async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
+                         holes: list[tuple[int, int]] | None = None) -> None: ...
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None: ...
     async def zero(self, count: int, offset: int, *, may_trim: bool = True,
@@ -76,8 +138,7 @@ class IO(Protocol):
     async def trim(self, count: int, offset: int, *, fua: bool = False) -> None: ...
     async def flush(self) -> None: ...
     async def cache(self, count: int, offset: int) -> None: ...
-    async def block_status(self, count: int, offset: int, *,
-                           context: str = BASE_ALLOCATION) -> list[Extent]: ...
+    async def block_status_all(self, count: int, offset: int) -> BlockStatus: ...
 
 
 class BlockNode(abc.ABC):
@@ -115,7 +176,8 @@ class BlockNode(abc.ABC):
     # The _do_* methods take exactly the arguments of the public methods.
 
     @abc.abstractmethod
-    async def _do_pread_into(self, buf: memoryview, offset: int) -> None: ...
+    async def _do_pread_into(self, buf: memoryview, offset: int,
+                             holes: list[tuple[int, int]] | None = None) -> None: ...
 
     @abc.abstractmethod
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None: ...
@@ -134,8 +196,8 @@ class BlockNode(abc.ABC):
     async def _do_cache(self, count: int, offset: int) -> None: ...
 
     @abc.abstractmethod
-    async def _do_block_status(self, count: int, offset: int, *,
-                               context: str = BASE_ALLOCATION) -> list[Extent]: ...
+    async def _do_block_status(self, count: int, offset: int) -> BlockStatus:
+        """Every negotiated context's extents, each covering exactly the range."""
 
     # --- the port ---------------------------------------------------------------------
 
@@ -193,8 +255,13 @@ class BlockNode(abc.ABC):
             return self._proxies[-1]
         return self._replacement
 
-    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+    async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
+                         holes: list[tuple[int, int]] | None = None) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``.
+
+        ``holes``: a list to which the (offset, length) of every range that came as a
+        hole (zeroes without data, e.g. an NBD OFFSET_HOLE chunk) is appended.
+        """
         if self._drains.value:
             await self._gate()
         in_flight = self.in_flight
@@ -205,9 +272,9 @@ class BlockNode(abc.ABC):
                 view = memoryview(buf).cast("B")
                 if view.readonly:
                     raise InvalidArgumentError("pread_into needs a writable buffer")
-                await self._do_pread_into(view, offset)
+                await self._do_pread_into(view, offset, holes)
             else:
-                await route.pread_into(buf, offset)
+                await route.pread_into(buf, offset, holes=holes)
         finally:
             in_flight.value -= 1
 
@@ -248,11 +315,86 @@ class BlockNode(abc.ABC):
         async with self._entry() as route:
             await route.cache(count, offset)
 
-    async def block_status(self, count: int, offset: int, *,
-                           context: str = BASE_ALLOCATION) -> list[Extent]:
-        """Extents of ``context`` covering the range, in order."""
+    async def block_status_all(self, count: int, offset: int) -> BlockStatus:
+        """Every negotiated context's extents covering the range, in order, by context
+        name: all of what the server said, from one reply per window
+        (:data:`BLOCK_STATUS_WINDOW`), each context cut to the part all of them
+        describe.
+
+        Raises:
+            UnsupportedError: the export offers no block status.
+            InvalidArgumentError: a bad range.
+        """
         async with self._entry() as route:
-            return await route.block_status(count, offset, context=context)
+            return await route.block_status_all(count, offset)
+
+    async def block_status(self, count: int, offset: int, *,
+                           context: str | None = None) -> list[Extent]:
+        """Extents of one ``context`` covering the range, in order.
+
+        ``context`` may be left out only when base:allocation is the one context that
+        was negotiated: with others (``open_nbd(meta_contexts=...)``) say which, or use
+        :meth:`block_status_all` or :meth:`extents`, which return them all.
+
+        Raises:
+            InvalidArgumentError: ``context`` was not negotiated (the message names the
+                ones that were), or was left out while several were; a bad range.
+            UnsupportedError: the export offers no block status.
+        """
+        name = self.pick_context(context)
+        return (await self.block_status_all(count, offset))[name]
+
+    def pick_context(self, context: str | None) -> str:
+        """The negotiated context ``context`` names (None: the only one); see
+        :meth:`block_status` for the errors."""
+        negotiated = list(self.info.contexts)
+        if not negotiated:
+            raise UnsupportedError("no metadata context was negotiated: the server does "
+                                   "not offer block status")
+        if context is None:
+            if len(negotiated) > 1:
+                raise InvalidArgumentError(
+                    f"several metadata contexts were negotiated ({', '.join(negotiated)}): "
+                    "say which with context=..., or use block_status_all() or extents() "
+                    "for all of them")
+            return negotiated[0]
+        if context not in self.info.contexts:
+            raise InvalidArgumentError(f"meta context {context!r} was not negotiated "
+                                       f"(negotiated: {', '.join(negotiated)}; ask for it "
+                                       "with open_nbd(meta_contexts=[...]))")
+        return context
+
+    async def extents(self, offset: int = 0, length: int | None = None, *,
+                      contexts: Sequence[str] | None = None,
+                      window: int = BLOCK_STATUS_WINDOW) -> AsyncIterator[BlockRange]:
+        """The export from ``offset`` (``length`` bytes, default to the end) as ranges
+        over which every one of ``contexts`` (default: all negotiated) keeps its flags,
+        adjacent equal ranges merged, in order.  One block status request per
+        ``window``; nothing is held beyond one window's extents.
+
+        Raises: as :meth:`block_status`.
+        """
+        names = list(self.info.contexts) if contexts is None else \
+            [self.pick_context(name) for name in contexts]
+        if not names:
+            self.pick_context(None)  # raises: no context at all
+        end = self.size if length is None else offset + length
+        pending: BlockRange | None = None
+        pos = offset
+        while pos < end:
+            n = min(window, end - pos)
+            reply = await self.block_status_all(n, pos)
+            for block in _combine(pos, n, {name: reply[name] for name in names}):
+                if pending is not None and pending.flags == block.flags:
+                    pending = BlockRange(pending.offset, pending.length + block.length,
+                                         block.flags)
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = block
+            pos += n
+        if pending is not None:
+            yield pending
 
     # --- drained sections -------------------------------------------------------------
 
@@ -304,9 +446,11 @@ class _Calls:
         await self.pread_into(buf, offset)
         return bytes(buf)
 
-    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
-        await self._call("pread_into", buf, offset)
+    async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
+                         holes: list[tuple[int, int]] | None = None) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (``holes``: see
+        :meth:`BlockNode.pread_into`)."""
+        await self._call("pread_into", buf, offset, holes=holes)
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
@@ -330,11 +474,24 @@ class _Calls:
         """Prefetch a range."""
         await self._call("cache", count, offset)
 
+    async def block_status_all(self, count: int, offset: int) -> BlockStatus:
+        """Every negotiated context's extents covering the range."""
+        return await self._call("block_status_all", count, offset)  # type: ignore[no-any-return]
+
     async def block_status(self, count: int, offset: int, *,
-                           context: str = BASE_ALLOCATION) -> list[Extent]:
-        """Extents of ``context`` covering the range, in order."""
-        return await self._call(  # type: ignore[no-any-return]
-            "block_status", count, offset, context=context)
+                           context: str | None = None) -> list[Extent]:
+        """Extents of one context (see :meth:`BlockNode.block_status`)."""
+        name = self.pick_context(context)
+        return (await self.block_status_all(count, offset))[name]
+
+    def pick_context(self, context: str | None) -> str:
+        """See :meth:`BlockNode.pick_context`."""
+        return self.node.pick_context(context)  # type: ignore[no-any-return]
+
+
+_OWN = {name: "_do_" + name for name in ("pread_into", "pwrite", "zero", "trim", "flush",
+                                         "cache")}
+_OWN["block_status_all"] = "_do_block_status"
 
 
 class _Own(_Calls):
@@ -347,15 +504,16 @@ class _Own(_Calls):
         node = self.node
         node._executing.value += 1
         try:
-            return await getattr(node, "_do_" + method)(*args, **kwargs)
+            return await getattr(node, _OWN[method])(*args, **kwargs)
         finally:
             node._executing.value -= 1
 
-    async def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+    async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
+                         holes: list[tuple[int, int]] | None = None) -> None:
         view = memoryview(buf).cast("B")
         if view.readonly:
             raise InvalidArgumentError("pread_into needs a writable buffer")
-        await self._call("pread_into", view, offset)
+        await self._call("pread_into", view, offset, holes=holes)
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
@@ -422,3 +580,24 @@ class DrainedSection(_Calls):
             return await getattr(self.node, method)(*args, **kwargs)
         finally:
             _SECTION_IO.reset(token)
+
+
+def _combine(offset: int, length: int, runs: Mapping[str, list[Extent]]) -> list[BlockRange]:
+    """Per-context extents over one range, cut at every context's boundaries: ranges in
+    which each context keeps one value."""
+    if not runs:
+        return [BlockRange(offset, length, {})]
+    cursors = {name: iter(extents) for name, extents in runs.items()}
+    current = {name: next(cursor) for name, cursor in cursors.items()}
+    end = offset + length
+    pos = offset
+    out: list[BlockRange] = []
+    while pos < end:
+        stop = min(min(e.offset + e.length for e in current.values()), end)
+        out.append(BlockRange(pos, stop - pos,
+                              {name: e.flags for name, e in current.items()}))
+        pos = stop
+        for name, extent in current.items():
+            if extent.offset + extent.length <= pos < end:
+                current[name] = next(cursors[name])
+    return out

@@ -679,8 +679,8 @@ async def test_large_requests_are_split_at_the_servers_maximum():
     (lambda d: d.cache(1024, 8 * MiB - 512), InvalidArgumentError, errno.EINVAL),
     (lambda d: d.pwrite(b"x" * 512, 0), UnsupportedError, errno.EPERM),
     (lambda d: d.trim(512, 0), UnsupportedError, errno.EPERM),
-    (lambda d: d.block_status(512, 0, context="qemu:dirty-bitmap:x"), UnsupportedError,
-     errno.ENOTSUP),
+    (lambda d: d.block_status(512, 0, context="qemu:dirty-bitmap:x"), InvalidArgumentError,
+     errno.EINVAL),
     (lambda d: d.pread(-1, 0), InvalidArgumentError, errno.EINVAL),
 ])
 async def test_bad_requests_fail_before_anything_is_sent(call, error, code):

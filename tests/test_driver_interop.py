@@ -10,7 +10,7 @@ import pytest
 import trio
 from support.peers import EmbeddedServer, Nbdkit, NbdServer, QemuNbd
 
-from blockdrv import RequestError, State, open_nbd
+from blockdrv import InvalidArgumentError, RequestError, State, open_nbd
 from blockdrv.protocol import StateFlag
 
 pytestmark = pytest.mark.interop
@@ -130,7 +130,11 @@ async def test_qemu_allocation_depth_context(tmp_path, image):
             assert "qemu:allocation-depth" in dev.info.contexts
             await dev.pwrite(os.urandom(MiB), 2 * MiB)
             depth = await dev.block_status(8 * MiB, 0, context="qemu:allocation-depth")
-            allocation = await dev.block_status(8 * MiB, 0)
+            allocation = await dev.block_status(8 * MiB, 0, context="base:allocation")
+            with pytest.raises(InvalidArgumentError, match="several metadata contexts"):
+                await dev.block_status(8 * MiB, 0)  # which one? never a silent pick
+            both = await dev.block_status_all(8 * MiB, 0)
+            assert both == {"base:allocation": allocation, "qemu:allocation-depth": depth}
             assert sum(e.length for e in depth) == 8 * MiB
             data = [e for e in allocation if not e.flags & StateFlag.HOLE]
             assert data and data[0].offset <= 2 * MiB < data[0].offset + data[0].length

@@ -16,8 +16,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
-from ..node import BlockNode, Extent
-from ..protocol.constants import BASE_ALLOCATION, Command
+from ..node import BlockNode, BlockStatus
+from ..protocol.constants import Command
 
 if TYPE_CHECKING:
     from ..protocol.export import ExportInfo
@@ -60,9 +60,10 @@ class FilterNode(BlockNode):
         """Send one request on to the child; filters override this."""
         return await call()
 
-    async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
+    async def _do_pread_into(self, buf: memoryview, offset: int,
+                             holes: list[tuple[int, int]] | None = None) -> None:
         await self._forward(Command.READ, offset, len(buf),
-                            partial(self._below_me().pread_into, buf, offset))
+                            partial(self._below_me().pread_into, buf, offset, holes=holes))
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
         await self._forward(Command.WRITE, offset, len(buf),
@@ -85,8 +86,7 @@ class FilterNode(BlockNode):
         await self._forward(Command.CACHE, offset, count,
                             partial(self._below_me().cache, count, offset))
 
-    async def _do_block_status(self, count: int, offset: int, *,
-                               context: str = BASE_ALLOCATION) -> list[Extent]:
+    async def _do_block_status(self, count: int, offset: int) -> BlockStatus:
         return await self._forward(  # type: ignore[no-any-return]
             Command.BLOCK_STATUS, offset, count,
-            partial(self._below_me().block_status, count, offset, context=context))
+            partial(self._below_me().block_status_all, count, offset))

@@ -75,8 +75,8 @@ from dataclasses import dataclass
 import trio
 from trio_util import AsyncValue
 
-from ..node import BlockNode, Extent
-from ..protocol.constants import BASE_ALLOCATION, Command, CommandFlag
+from ..node import BLOCK_STATUS_WINDOW, BlockNode, BlockStatus, Extent
+from ..protocol.constants import Command, CommandFlag
 from ..protocol.errors import (
     ConnectError,
     ConnectionLostError,
@@ -648,10 +648,13 @@ class NBDDevice(BlockNode):
         self._pieces(Command.READ, offset, count)  # check before allocating
         return await super().pread(count, offset)
 
-    async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
+    async def _do_pread_into(self, buf: memoryview, offset: int,
+                             holes: list[tuple[int, int]] | None = None) -> None:
         pos = 0
         for at, n in self._pieces(_READ, offset, len(buf)):
-            await self._request(_READ, at, n, buffer=buf[pos:pos + n])
+            slot = await self._request(_READ, at, n, buffer=buf[pos:pos + n])
+            if holes is not None and slot.holes:
+                holes += slot.holes
             pos += n
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
@@ -682,37 +685,58 @@ class NBDDevice(BlockNode):
         for at, n in self._pieces(Command.CACHE, offset, count):
             await self._request(Command.CACHE, at, n)
 
-    async def _do_block_status(self, count: int, offset: int, *,
-                               context: str = BASE_ALLOCATION) -> list[Extent]:
-        """Extents of ``context`` covering ``offset .. offset+count``, in order.
+    async def _do_block_status(self, count: int, offset: int) -> BlockStatus:
+        """Every negotiated context's extents over ``offset .. offset+count``.
 
-        The server may answer with less than asked; this asks again from where it
-        stopped until the whole range is described.
+        One request per window of at most :data:`~blockdrv.node.BLOCK_STATUS_WINDOW`
+        bytes.  A server may describe less than it was asked, and each context a
+        different length: the contexts are cut to what all of them describe and the
+        next request starts there, until the whole range is described.
         """
-        if context not in self.info.contexts:
-            raise UnsupportedError(f"meta context {context!r} was not negotiated "
-                                   f"(have: {sorted(self.info.contexts)})")
+        names = list(self.info.contexts)
+        if not names:
+            raise UnsupportedError("no metadata context was negotiated: the server does "
+                                   "not offer block status")
         self._pieces(Command.BLOCK_STATUS, offset, count)
-        limit = self._limits[(Command.BLOCK_STATUS, 0)]  # cached by that check
+        align = self.info.min_block
+        window = min(self._limits[(Command.BLOCK_STATUS, 0)], BLOCK_STATUS_WINDOW)
+        window -= window % align
         end = offset + count
-        extents: list[Extent] = []
+        result: BlockStatus = {name: [] for name in names}
         pos = offset
         while pos < end:
-            n = min(limit, end - pos)
+            n = min(window, end - pos)
             self._pieces(Command.BLOCK_STATUS, pos, n)  # one piece: only checks the range
             slot = await self._request(Command.BLOCK_STATUS, pos, n)
-            context_id = slot.session.wire.contexts[context]
-            for length, flags in slot.extents.get(context_id, []):
-                length = min(length, end - pos)
-                if extents and extents[-1].flags == flags:
-                    last = extents[-1]
-                    extents[-1] = Extent(last.offset, last.length + length, flags)
-                else:
-                    extents.append(Extent(pos, length, flags))
-                pos += length
-                if pos >= end:
-                    break
-        return extents
+            ids = slot.session.wire.contexts
+            replies = [slot.extents[ids[name]] for name in names]
+            described = min(n, *(sum(length for length, _ in extents)
+                                 for extents in replies))
+            if described % align and pos + described < end:  # keep requests aligned
+                described -= described % align
+            if described <= 0:
+                raise ProtocolError(f"server described nothing of BLOCK_STATUS {pos}+{n}")
+            for name, extents in zip(names, replies, strict=True):
+                _append_extents(result[name], pos, described, extents)
+            pos += described
+        return result
+
+
+def _append_extents(out: list[Extent], offset: int, length: int,
+                    extents: list[tuple[int, int]]) -> None:
+    """(length, flags) pairs from ``offset``, cut at ``length``, added to ``out`` with
+    adjacent equal flags merged."""
+    pos, end = offset, offset + length
+    for size, flags in extents:
+        size = min(size, end - pos)
+        if out and out[-1].flags == flags and out[-1].offset + out[-1].length == pos:
+            last = out[-1]
+            out[-1] = Extent(last.offset, last.length + size, flags)
+        else:
+            out.append(Extent(pos, size, flags))
+        pos += size
+        if pos >= end:
+            break
 
 
 def _check_unchanged(payload: memoryview, digest: bytes) -> None:

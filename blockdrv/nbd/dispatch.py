@@ -82,7 +82,7 @@ class Slot:
     """One request in flight: its cookie, its reply's cursor and where data goes."""
 
     __slots__ = ("cookie", "session", "cursor", "buffer", "task", "receiving", "extents",
-                 "payload", "yielded", "waits")
+                 "payload", "yielded", "waits", "holes")
 
     def __init__(self, cookie: int, session: Session, cursor: ReplyCursor,
                  buffer: memoryview | None) -> None:
@@ -96,6 +96,7 @@ class Slot:
         self.payload: bytearray | None = None  # a large non-data payload being filled
         self.yielded = False  # the request passed a schedule point (see the device)
         self.waits = session.channel.waits  # the channel's wait count when it was sent
+        self.holes: list[tuple[int, int]] | None = None  # READ ranges that came as holes
 
 
 class Dispatcher:
@@ -254,6 +255,9 @@ class Dispatcher:
                 fill_zeroes(slot.buffer[pos:pos + event.length])
                 self.bytes_read += event.length
                 self.hole_bytes_read += event.length
+                if slot.holes is None:
+                    slot.holes = []
+                slot.holes.append((event.offset, event.length))
         elif isinstance(event, BlockStatus):
             slot.extents[event.context_id] = event.extents
 

@@ -34,8 +34,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeV
 
 from trio_util import AsyncValue, compose_values
 
-from ..node import BlockNode, Extent
-from ..protocol.constants import BASE_ALLOCATION
+from ..node import BlockNode, BlockStatus
 from ..protocol.errors import ConnectError, InvalidArgumentError
 from ..protocol.export import ExportInfo
 from ..protocol.uri import NBDAddress
@@ -158,8 +157,9 @@ class MultiConnDevice(BlockNode):
             if self._oldest_pending.value == number:
                 self._oldest_pending.value = next(iter(pending), None)
 
-    async def _do_pread_into(self, buf: memoryview, offset: int) -> None:
-        await self._least_busy().pread_into(buf, offset)
+    async def _do_pread_into(self, buf: memoryview, offset: int,
+                             holes: list[tuple[int, int]] | None = None) -> None:
+        await self._least_busy().pread_into(buf, offset, holes=holes)
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
         await self._write(lambda member: member.pwrite(buf, offset, fua=fua))
@@ -180,9 +180,8 @@ class MultiConnDevice(BlockNode):
     async def _do_cache(self, count: int, offset: int) -> None:
         await self._least_busy().cache(count, offset)
 
-    async def _do_block_status(self, count: int, offset: int, *,
-                               context: str = BASE_ALLOCATION) -> list[Extent]:
-        return await self._least_busy().block_status(count, offset, context=context)
+    async def _do_block_status(self, count: int, offset: int) -> BlockStatus:
+        return await self._least_busy().block_status_all(count, offset)
 
 
 _SEVERITY = {State.CONNECTED: 0, State.CONNECTING_WAIT: 1, State.CONNECTING_NOWAIT: 2,

@@ -14,24 +14,12 @@ WINDOW = 1 << 30  # bytes asked about per BLOCK_STATUS round (the driver splits 
 async def map_extents(node: BlockNode, *, context: str = BASE_ALLOCATION,
                       offset: int = 0, length: int | None = None,
                       window: int = WINDOW) -> AsyncIterator[Extent]:
-    """Runs of equal flags from ``offset`` over ``length`` bytes (default: to the end),
-    adjacent runs with the same flags merged, in order."""
+    """Runs of equal flags of ``context`` from ``offset`` over ``length`` bytes (default:
+    to the end), adjacent runs with the same flags merged, in order."""
     end = node.size if length is None else min(node.size, offset + length)
-    pending: Extent | None = None
-    pos = offset
-    while pos < end:
-        for extent in await node.block_status(min(window, end - pos), pos, context=context):
-            if pending is not None and pending.flags == extent.flags:
-                pending = Extent(pending.offset, pending.length + extent.length,
-                                 extent.flags)
-                continue
-            if pending is not None:
-                yield pending
-            pending = extent
-        assert pending is not None
-        pos = pending.offset + pending.length
-    if pending is not None:
-        yield pending
+    async for block in node.extents(offset, end - offset, contexts=[context],
+                                    window=window):
+        yield Extent(block.offset, block.length, block.flags[context])
 
 
 def describe_flags(context: str, flags: int) -> str | None:
