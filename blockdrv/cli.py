@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -196,6 +197,9 @@ def main(verbose: int) -> None:
               help="Fault hook: acknowledge writes without storing them, at this rate.")
 @click.option("--stale-reads", type=click.FloatRange(0, 1), default=0.0,
               help="Fault hook: serve reads from data older than the latest writes.")
+@click.option("--crash-after", type=click.IntRange(1), metavar="N",
+              help="Fault hook: kill this server process (SIGKILL, as a crash) when the "
+                   "Nth request arrives.")
 @click.option("--flood", type=click.FloatRange(0, 1), default=0.0,
               help="Hostile mode: answer GO, INFO, LIST, meta context options, READ and "
                    "BLOCK_STATUS with an endless stream, at this rate.")
@@ -222,7 +226,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
           buffer_budget: int, socket_buffer: int, shuffle_replies: bool,
           no_structured: bool, no_extended: bool,
           seed: int | None, fail_rules: tuple[str, ...],
-          lose_writes: float, stale_reads: float, flood: float, tiny_chunks: float,
+          lose_writes: float, stale_reads: float, crash_after: int | None,
+          flood: float, tiny_chunks: float,
           tiny_chunk_max: int, unrequested_context: float, slowloris: float,
           slowloris_piece: int, slowloris_delay: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
@@ -258,6 +263,8 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
         export.faults.lose_writes(lose_writes)
     if stale_reads:
         export.faults.stale_reads(stale_reads)
+    if crash_after:
+        export.faults.crash_after(crash_after, lambda: os.kill(os.getpid(), signal.SIGKILL))
     if flood:
         export.faults.flood(rate=flood)
     if tiny_chunks:

@@ -357,14 +357,17 @@ class Channel:
     # --- sending --------------------------------------------------------------------
 
     async def send(self, *buffers: bytes | bytearray | memoryview,
-                   finish_within: float | None = None) -> None:
+                   finish_within: float | None = None) -> float | None:
         """Send every buffer, in order, as one scatter-gather write where possible.
 
         A message is atomic with respect to cancellation once it has started: if the
         caller is cancelled before any byte went out, nothing was sent and Cancelled
         propagates; once a byte is out, the rest is sent under a shield for at most
         ``finish_within`` seconds more (``None``: not at all), and the send returns
-        normally, leaving the cancellation to the caller's next checkpoint.  Only when
+        normally, leaving the cancellation to the caller's next checkpoint; it then
+        returns the (trio) time the cancellation arrived, so the caller can hold
+        whatever it does next for the cancelled request to the same bound (otherwise
+        it returns None).  Only when
         that bound passes (or without one) is the stream left out of step: ``broken``,
         and Cancelled propagates.  Over a stream that is not a plain socket (TLS, test
         streams) trio cannot finish a cancelled ``send_all``, so there a cancellation
@@ -374,7 +377,7 @@ class Channel:
         try:
             if sock is None:
                 await self._send_stream(buffers)
-                return
+                return None
             if len(buffers) == 1 and type(buffers[0]) is bytes:
                 # One header on its own (most requests): a plain send, usually the
                 # only call.
@@ -384,7 +387,7 @@ class Channel:
                 except BlockingIOError:
                     n = 0
                 if n == len(data):
-                    return
+                    return None
                 views: list[memoryview] = [memoryview(data)[n:]]
                 sent_any = n > 0
             else:
@@ -400,17 +403,19 @@ class Channel:
                     except trio.Cancelled:
                         if not sent_any:
                             raise  # nothing went out: the message was not sent
+                        cancelled_at = trio.current_time()
                         if finish_within is not None \
                                 and await self._finish_send(sock, views, finish_within):
                             # Sent whole: the cancellation stays pending (trio's is
                             # level-triggered) and reaches the caller at its next
                             # checkpoint, once the request counts as sent.
-                            return
+                            return cancelled_at
                         self.broken = True  # part of a message went out
                         raise
                     continue
                 sent_any = True
                 views = _advance(views, n)
+            return None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = True
             raise TransportError(f"connection failed: {exc}") from exc

@@ -20,33 +20,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..cli import SIZE
-from .runner import (
-    ALL_FAULTS,
-    DEFAULT_FAULTS,
-    SERVER_KINDS,
-    FuzzConfig,
-    FuzzResult,
-    FuzzRun,
-    load_reproducer,
-)
-
-
-def parse_faults(text: str) -> tuple[str, ...]:
-    """``default``, ``none``, ``all`` or kinds, comma-separated (``default,lose-writes``)."""
-    kinds: list[str] = []
-    for word in (w.strip() for w in text.split(",")):
-        if word == "default":
-            kinds += DEFAULT_FAULTS
-        elif word == "all":
-            kinds += ALL_FAULTS
-        elif word in ("none", ""):
-            continue
-        elif word in ALL_FAULTS:
-            kinds.append(word)
-        else:
-            raise click.BadParameter(f"unknown fault {word!r}; choose from default, all, "
-                                     f"none, {', '.join(ALL_FAULTS)}")
-    return tuple(dict.fromkeys(kinds))
+from .config import ALL_FAULTS, SERVER_KINDS, FuzzConfig, parse_faults
+from .records import FuzzResult, load_reproducer
+from .runner import FuzzRun
 
 
 def _table(result: FuzzResult) -> Table:
@@ -70,6 +46,15 @@ def _table(result: FuzzResult) -> Table:
     lat = summary["latency"]
     table.add_row("latency p50 / p99 / max",
                   f"{lat['p50'] * 1e3:.2f} / {lat['p99'] * 1e3:.2f} / {lat['max'] * 1e3:.1f} ms")
+    table.add_row("workers / max_in_flight", f"{summary['concurrency']} / "
+                                             f"{summary['max_in_flight']}")
+    table.add_row("admission wait max / overtakes",
+                  f"{summary['admission_wait_max_s'] * 1e3:.1f} ms / "
+                  f"{summary['admission_overtakes']}")
+    table.add_row("loop lag max / longest step", f"{summary['loop_lag_max_s'] * 1e3:.1f} ms / "
+                                                 f"{summary['step_cpu_max_s'] * 1e3:.1f} ms CPU")
+    table.add_row("memory peak / growth", f"{summary['rss_peak_mib']} MiB / "
+                                          f"{summary['rss_growth_peak_mib']} MiB")
     table.add_row("violations", str(len(summary["violations"])),
                   style="red" if summary["violations"] else "green")
     return table
@@ -83,12 +68,15 @@ def _table(result: FuzzResult) -> Table:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--duration", type=float, help="Seconds of workload (default 30).")
 @click.option("--ops", type=int, help="Number of operations (instead of --duration).")
-@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 1024),
+              help="Workers (default: 4 x --max-in-flight, so admission has a queue).")
+@click.option("--max-in-flight", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="The device's max_in_flight per connection.")
 @click.option("--connections", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Open the device with this many connections (multi-conn).")
 @click.option("--faults", "faults_text", default="default", show_default=True,
               help="Fault kinds, comma-separated: default, all, none, "
-                   + ", ".join(ALL_FAULTS) + ".")
+                   + ", ".join(ALL_FAULTS) + "; -KIND takes one out (default,-kill).")
 @click.option("--reconnect-delay", type=float, default=15.0, show_default=True)
 @click.option("--size", type=SIZE, default="64M", show_default=True)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False),
@@ -100,7 +88,8 @@ def _table(result: FuzzResult) -> Table:
               help="Run a reproducer again (its configuration and trace).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
-         ops: int | None, concurrency: int, connections: int, faults_text: str,
+         ops: int | None, concurrency: int | None, max_in_flight: int, connections: int,
+         faults_text: str,
          reconnect_delay: float, size: int, json_file: str | None, reproducer: str | None,
          replay: str | None, quiet: bool) -> None:
     """Put the NBD driver through a seeded fault-injection run and check invariants."""
@@ -113,7 +102,8 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         else:
             config = FuzzConfig(server=server, server_cmd=server_cmd, seed=seed,
                                 duration=duration, ops=ops, concurrency=concurrency,
-                                connections=connections, faults=parse_faults(faults_text),
+                                max_in_flight=max_in_flight, connections=connections,
+                                faults=parse_faults(faults_text),
                                 reconnect_delay=reconnect_delay, size=size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -148,7 +138,7 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
         default = (f"{Path(replay).stem}.again.json" if replay
                    else f"blockdrv-fuzz-{config.seed}.json")  # never overwrite the input
         path = Path(reproducer or default)
-        path.write_text(json.dumps(result.reproducer(), indent=1))
+        result.write_reproducer(path)
         click.echo(f"reproducer written to {path} (run it again with --replay {path})",
                    err=True)
         sys.exit(1 if result.violations else 3)

@@ -14,6 +14,7 @@ the model never has to guess which of two racing writes won.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import trio
 
@@ -70,7 +71,7 @@ class Model:
         return None
 
     def check_extents(self, offset: int, length: int,
-                      extents: list[tuple[int, int, int]]) -> str | None:
+                      extents: Sequence[tuple[int, int, int]]) -> str | None:
         """Extents must tile the range; a ZERO extent must hold no known non-zero data."""
         pos = offset
         for at, n, flags in extents:

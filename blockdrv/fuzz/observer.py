@@ -13,6 +13,12 @@ ends.  :class:`StreamObserver` parses both directions with the protocol layer's 
 It never buffers a payload: payload bytes are only counted.  If TLS starts, or the peer
 sends something it cannot parse, it stops following (``lost``) and the proxy stops
 injecting on that connection.
+
+Besides the message ends :meth:`StreamObserver.server_data` returns, each call leaves
+``ends_done`` (for each end: did that message finish its reply, i.e. a simple reply or a
+chunk flagged DONE) and ``option_replies`` (where option reply headers start in the
+data, with their option and type), so the proxy can repeat a finished reply or slip a
+message in front of an option's acknowledgement.
 """
 
 from __future__ import annotations
@@ -91,6 +97,14 @@ class StreamObserver:
         self._greeted = False
         self._options: list[int] = []  # sent by the client, awaiting their final reply
         self._server_pos = 0  # bytes of the server stream seen so far
+        self._message_done = False  # the message being skipped finishes its reply
+        self.ends_done: list[bool] = []  # per end of the last server_data call
+        self.option_replies: list[tuple[int, int, int]] = []  # (offset, option, type)
+
+    @property
+    def pending_options(self) -> tuple[int, ...]:
+        """Options the client sent that the server has not finished answering."""
+        return tuple(self._options)
 
     # --- client -> server -------------------------------------------------------------
 
@@ -144,8 +158,11 @@ class StreamObserver:
         pending = side.skip
         skipped = side.feed(data)
         ends: list[int] = []
+        self.ends_done = []
+        self.option_replies = []
         if self.transmission and pending and not side.skip:
             ends.append(skipped)  # a reply's payload ended inside this chunk
+            self.ends_done.append(self._message_done)
         try:
             self._parse_server(ends, start)
         except (ProtocolError, ValueError):
@@ -176,10 +193,12 @@ class StreamObserver:
                         return
                     self._enter_transmission()
                     continue
+                at = self._server_pos - len(side.buffer) - start  # where the header starts
                 raw = side.take(OPTION_REPLY_HEADER_SIZE)
                 if raw is None:
                     return
                 option, reply, length = decode_option_reply_header(raw)
+                self.option_replies.append((at, option, reply))
                 side.skip_next(length)
                 if reply == OptionReply.ACK or is_option_error(reply):
                     self._options.pop(0)
@@ -201,9 +220,11 @@ class StreamObserver:
                         payload = length
                 if header.done:
                     self.in_flight.pop(header.cookie, None)
+                self._message_done = header.done
                 side.skip_next(payload)
                 if not side.skip:
                     ends.append(self._server_pos - start - len(side.buffer))
+                    self.ends_done.append(header.done)
 
     def _acknowledged(self, option: int) -> None:
         if option == Option.STARTTLS:

@@ -19,22 +19,63 @@ while traffic flows, and apply to the connections open at that moment:
   by a passive :class:`~blockdrv.fuzz.observer.StreamObserver`), send the client a
   reply header with a bad magic, an unknown cookie, or an oversized length.
 
+A hostile peer, made out of any well-behaved server:
+
+- :meth:`duplicate`: at the next boundary, send the last reply message that finished a
+  reply (a simple reply, or a chunk flagged DONE) again: a late repeat whose cookie no
+  request owns any more (captured only when ``capture`` is on, messages up to 64 KiB);
+- :meth:`tiny_chunks`: hold the next READ data chunk whole and send it as up to 64
+  smaller data chunks, in random order, the last one sent carrying its DONE flag;
+- :meth:`slowloris` ``(nbytes, piece, delay)``: trickle the next ``nbytes`` to the
+  client ``piece`` bytes at a time, ``delay`` seconds apart;
+- :meth:`flood` ``(where)``: instead of the server's next reply (``"reply"``: error
+  chunks for a request in flight) or the next connection's answer to its goal option
+  (``"handshake"``: NBD_REP_INFO, NBD_REP_SERVER or NBD_REP_META_CONTEXT replies), an
+  endless stream, written from a thread so the client always has data to read (as a
+  peer in another process would), until the client goes away or ``flood_bytes`` went
+  out; then the connection is closed;
+- :meth:`unrequested_context`: the next connection's SET_META_CONTEXT answer gains a
+  context nobody asked for, just before its acknowledgement.
+
 :attr:`FaultProxy.injected` counts what was actually done, by kind.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
+import os
+import random
+import select
 import socket as _stdlib_socket
 import struct
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import trio
 from trio_util import AsyncValue
 
-from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType
+from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType, Info, Option, OptionReply
+from ..protocol.errors import ProtocolError
+from ..protocol.options import (
+    encode_info_string,
+    encode_option_reply,
+    encode_rep_meta_context,
+    encode_rep_server,
+)
 from ..protocol.uri import NBDAddress
-from ..protocol.wire import encode_chunk_header, encode_simple_reply
+from ..protocol.wire import (
+    EXTENDED_REPLY_SIZE,
+    STRUCTURED_REPLY_SIZE,
+    decode_offset,
+    decode_reply_header,
+    encode_chunk_header,
+    encode_data_chunk_header,
+    encode_error_chunk,
+    encode_simple_reply,
+)
 from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
 from ..transport import open_stream, open_unix_listener, remove_socket_file
 from .observer import StreamObserver
@@ -56,6 +97,17 @@ class _Link:
         self.malformed: str | None = None
         self._at_boundary_before = False  # the last chunk sent ended a message
         self.scope = trio.CancelScope()
+        # Hostile-peer faults (see the module docstring); the others are armed on the
+        # proxy (``FaultProxy.armed``) and fire once, on whichever link comes first.
+        self.slow_left = 0
+        self.slow_piece = 1
+        self.slow_delay = 0.0
+        self._message = bytearray()  # the message being captured (for duplicate)
+        self._message_too_big = False
+        self._capturing = False
+        self._last_reply: bytes | None = None
+        self._held: bytearray | None = None  # a message held whole (for tiny-chunks)
+        self._stop_flood = threading.Event()
 
     async def run(self) -> None:
         with self.scope:
@@ -94,20 +146,150 @@ class _Link:
         await sink.send_all(data)
 
     async def _to_client(self, data: bytes) -> None:
-        ends = self.observer.server_data(data)
-        if self.malformed is not None and not self.observer.lost:
-            points = ([0] if self._at_boundary_before else []) + ends
-            if points:
-                cut = points[0]
-                await self._forward(self.client, TO_CLIENT, data[:cut])
-                header = self._malformed_header()
-                self.malformed = None
-                self.proxy.injected["malformed"] += 1  # counted before the client sees it
-                await self.client.send_all(header)
-                data = data[cut:]
-        self._at_boundary_before = self.observer.at_boundary
+        observer = self.observer
+        pending = next(iter(observer.in_flight), None)  # a request still unanswered here
+        ends = observer.server_data(data)
+        if observer.lost:
+            await self._send_to_client(data)
+            return
+        if not observer.transmission or observer.option_replies:
+            rest = await self._handshake_faults(data)
+            if rest is not data:  # something was slipped in, or the link is flooding
+                self._at_boundary_before = observer.at_boundary
+                if rest:
+                    await self._send_to_client(rest)
+                return
+        if self.proxy.capture and observer.transmission:
+            # Captured after the injections below: a repeat is of an *earlier* reply.
+            captured = data, ends, observer.ends_done
+        else:
+            captured = None
+        points = ([0] if self._at_boundary_before else []) + ends
+        armed = self.proxy.armed
+        if self._held is not None or ("tiny-chunks" in armed and points):
+            data = await self._hold_for_tiny_chunks(data, points, ends)
+            points = [0] if self._held is None and data else []
+        if points and points[0] == 0 and "flood-reply" in armed and pending is not None \
+                and observer.structured:
+            armed.discard("flood-reply")
+            await self._flood(self._error_chunks(pending))
+            return
+        if points and "duplicate" in armed and self._last_reply is not None:
+            cut = points[0]
+            await self._send_to_client(data[:cut])
+            armed.discard("duplicate")
+            self.proxy.injected["duplicate"] += 1
+            await self._send_to_client(self._last_reply)
+            data = data[cut:]
+            points = [0]
+        if self.malformed is not None and points:
+            cut = points[0]
+            await self._send_to_client(data[:cut])
+            header = self._malformed_header()
+            self.malformed = None
+            self.proxy.injected["malformed"] += 1  # counted before the client sees it
+            await self.client.send_all(header)
+            data = data[cut:]
+        self._at_boundary_before = observer.at_boundary
+        if data:
+            await self._send_to_client(data)
+        if captured is not None:
+            self._capture(*captured)
+
+    async def _send_to_client(self, data: bytes) -> None:
+        """Forward, trickling the first ``slow_left`` bytes if slowloris is armed."""
+        while self.slow_left and data:
+            n = min(self.slow_piece, self.slow_left, len(data))
+            await self._forward(self.client, TO_CLIENT, data[:n])
+            data = data[n:]
+            self.slow_left -= n
+            await trio.sleep(self.slow_delay)
         if data:
             await self._forward(self.client, TO_CLIENT, data)
+
+    def _capture(self, data: bytes, ends: list[int], done: list[bool]) -> None:
+        """Keep the last message that finished a reply (at most 64 KiB).  Capturing
+        starts at the first message end seen in transmission (what came before may be
+        the handshake's)."""
+        start = 0
+        for end, finished in zip(ends, done, strict=True):
+            if self._capturing and not self._message_too_big:
+                self._message += data[start:end]
+                if finished and len(self._message) <= 1 << 16:
+                    self._last_reply = bytes(self._message)
+            self._message.clear()
+            self._message_too_big = False
+            self._capturing = True
+            start = end
+        if self._capturing and not self._message_too_big:
+            self._message += data[start:]
+            if len(self._message) > 1 << 16:
+                self._message_too_big = True
+                self._message.clear()
+
+    async def _hold_for_tiny_chunks(self, data: bytes, points: list[int],
+                                    ends: list[int]) -> bytes:
+        """Hold the next message whole; a READ data chunk goes out in tiny pieces.
+        Returns what is left of ``data`` after the held message (if it ended)."""
+        if self._held is None:
+            cut = points[0]
+            await self._send_to_client(data[:cut])
+            self._held = bytearray()
+            data, ends = data[cut:], [e - cut for e in ends if e > cut]
+        if not ends:
+            self._held += data
+            return b""
+        message = bytes(self._held + data[:ends[0]])
+        self._held = None
+        pieces = split_data_chunk(message, extended=self.observer.extended,
+                                  rng=self.proxy.rng)
+        if pieces is None:
+            await self._send_to_client(message)  # not READ data: try the next one
+        else:
+            self.proxy.armed.discard("tiny-chunks")
+            self.proxy.injected["tiny-chunks"] += 1
+            await self._send_to_client(pieces)
+        return data[ends[0]:]
+
+    async def _handshake_faults(self, data: bytes) -> bytes:
+        """unrequested-context and handshake floods; returns what is left to send."""
+        armed = self.proxy.armed
+        for at, option, reply in self.observer.option_replies:
+            if at < 0:
+                continue  # the header began in an earlier chunk: too late for it
+            if "unrequested-context" in armed and option == Option.SET_META_CONTEXT \
+                    and reply == OptionReply.ACK:
+                armed.discard("unrequested-context")
+                self.proxy.injected["unrequested-context"] += 1
+                await self._send_to_client(data[:at])
+                await self._send_to_client(encode_option_reply(
+                    option, OptionReply.META_CONTEXT,
+                    encode_rep_meta_context(0x7FFF_FFF0, "qemu:unrequested")))
+                return data[at:]
+            if "flood-handshake" in armed and option in _FLOODS:
+                armed.discard("flood-handshake")
+                await self._send_to_client(data[:at])
+                await self._flood(_FLOODS[option](option))
+                return b""
+        return data
+
+    def _error_chunks(self, cookie: int) -> Callable[[], bytes]:
+        chunk = encode_error_chunk(cookie, errno.EIO, "flood", done=False,
+                                   extended=self.observer.extended)
+        block = chunk * (65536 // len(chunk))
+        return lambda: block
+
+    async def _flood(self, blocks: Callable[[], bytes]) -> None:
+        """An endless stream from a thread until the client goes away or the proxy's
+        ``flood_bytes`` went out; then the link closes."""
+        self.proxy.injected["flood"] += 1
+        fd = os.dup(self.client.socket.fileno())  # the thread's own: closed by the thread
+        try:
+            await trio.to_thread.run_sync(_pour, fd, blocks, self._stop_flood,
+                                          self.proxy.flood_bytes, abandon_on_cancel=True)
+        finally:
+            self._stop_flood.set()
+            self.scope.cancel()
 
     def _malformed_header(self) -> bytes:
         kind, observer = self.malformed, self.observer
@@ -138,6 +320,7 @@ class _Link:
         self.scope.cancel()
 
     async def _close(self) -> None:
+        self._stop_flood.set()
         with trio.CancelScope(shield=True):
             for stream in (self.client, self.server):
                 try:
@@ -161,6 +344,10 @@ class FaultProxy:
         self._delay_until = 0.0
         self._listener: trio.SocketListener | None = None
         self._scope = trio.CancelScope()
+        self.capture = False  # keep finished replies, for duplicate()
+        self.flood_bytes = 64 << 20
+        self.rng = random.Random(0)
+        self.armed: set[str] = set()  # hostile faults waiting for their moment
 
     @property
     def address(self) -> NBDAddress:
@@ -242,16 +429,123 @@ class FaultProxy:
         for link in self.links:
             link.arm_malformed(kind)
 
+    def duplicate(self) -> None:
+        """Repeat a finished reply at the next boundary (needs ``capture``)."""
+        self.armed.add("duplicate")
+
+    def tiny_chunks(self) -> None:
+        """Send the next READ data chunk as many small chunks in random order."""
+        self.armed.add("tiny-chunks")
+
+    def slowloris(self, nbytes: int, piece: int, delay: float) -> None:
+        """Trickle the next ``nbytes`` to the client, ``piece`` bytes every ``delay`` s."""
+        for link in self.links:
+            link.slow_left, link.slow_piece, link.slow_delay = nbytes, piece, delay
+        if self.links:
+            self.injected["slowloris"] += 1
+
+    def flood(self, where: str) -> None:
+        """An endless stream instead of the next reply (``"reply"``) or the next
+        connection's answer to its goal option (``"handshake"``)."""
+        if where not in ("reply", "handshake"):
+            raise ValueError("where must be 'reply' or 'handshake'")
+        self.armed.add("flood-" + where)
+
+    def unrequested_context(self) -> None:
+        """The next connection is offered a meta context it did not ask for."""
+        self.armed.add("unrequested-context")
+
     def clear(self) -> None:
-        """Disarm every fault (armed cuts and malformed replies, stalls, delays)."""
+        """Disarm every fault (armed cuts and malformed replies, stalls, delays, the
+        hostile-peer kinds)."""
         self._stall_until = self._delay = self._delay_until = 0.0
         self._next_cut = None
+        self.armed.clear()
         for link in self.links:
             link.cut_after.clear()
             link.malformed = None
+            link.slow_left = 0
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""
         self._scope.cancel()
         for link in list(self.links):
             link.scope.cancel()
+
+
+def split_data_chunk(message: bytes, *, extended: bool, rng: random.Random) -> bytes | None:
+    """An OFFSET_DATA chunk (header and payload) as up to 64 data chunks in random order
+    (the last one sent keeps its DONE flag); None if ``message`` is something else."""
+    size = EXTENDED_REPLY_SIZE if extended else STRUCTURED_REPLY_SIZE
+    if len(message) < size + 10:
+        return None
+    try:
+        header = decode_reply_header(message[:size])
+    except ProtocolError:
+        return None
+    if header.simple or header.type != ChunkType.OFFSET_DATA:
+        return None
+    offset = decode_offset(message[size:size + 8])
+    data = message[size + 8:]
+    cuts = sorted(rng.sample(range(1, len(data)), min(63, len(data) - 1, rng.randint(1, 63))))
+    pieces = list(zip([0, *cuts], [*cuts, len(data)], strict=True))
+    rng.shuffle(pieces)
+    out = bytearray()
+    for i, (a, b) in enumerate(pieces):
+        out += encode_data_chunk_header(header.cookie, offset + a, b - a,
+                                        done=header.done and i == len(pieces) - 1,
+                                        extended=extended)
+        out += data[a:b]
+    return bytes(out)
+
+
+def _info_flood(option: int) -> Callable[[], bytes]:
+    block = encode_option_reply(option, OptionReply.INFO,
+                                encode_info_string(Info.NAME, "flood")) * 2048
+    return lambda: block
+
+
+def _list_flood(option: int) -> Callable[[], bytes]:
+    block = encode_option_reply(option, OptionReply.SERVER,
+                                encode_rep_server("x" * 64, "y" * 64)) * 384
+    return lambda: block
+
+
+def _context_flood(option: int) -> Callable[[], bytes]:
+    """Distinct contexts (a repeated one would be kept once), a block at a time."""
+    numbers = itertools.count(1)
+
+    def block() -> bytes:
+        return b"".join(encode_option_reply(option, OptionReply.META_CONTEXT,
+                                            encode_rep_meta_context(n, f"flood:{n}"))
+                        for n in itertools.islice(numbers, 1024))
+    return block
+
+
+_FLOODS: dict[int, Callable[[int], Callable[[], bytes]]] = {
+    Option.GO: _info_flood, Option.INFO: _info_flood, Option.LIST: _list_flood,
+    Option.LIST_META_CONTEXT: _context_flood, Option.SET_META_CONTEXT: _context_flood,
+}
+
+
+def _pour(fd: int, blocks: Callable[[], bytes], stop: threading.Event, limit: int) -> int:
+    """(In a thread.)  Write ``blocks()`` to ``fd`` until ``limit`` bytes went out, the
+    peer is gone, or ``stop`` is set; closes ``fd``; returns the bytes written."""
+    sent = 0
+    view = memoryview(blocks())
+    try:
+        while sent < limit and not stop.is_set():
+            _, writable, _ = select.select([], [fd], [], 0.1)
+            if not writable:
+                continue
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                continue
+            except OSError:
+                break  # the client went away
+            sent += n
+            view = view[n:] if n < len(view) else memoryview(blocks())
+    finally:
+        os.close(fd)
+    return sent

@@ -14,7 +14,8 @@ from typing import Callable
 import trio
 
 
-def _frames(coro: object) -> list[str]:
+def frames(coro: object) -> list[str]:
+    """Where a coroutine (and what it awaits) stands, outermost first."""
     out = []
     while coro is not None:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
@@ -31,7 +32,7 @@ def task_tree(task: trio.lowlevel.Task | None = None, depth: int = 0) -> list[st
     task = task or trio.lowlevel.current_root_task()
     if task is None:
         return []
-    lines = ["  " * depth + f"{task.name}: " + " > ".join(_frames(task.coro)[-4:])]
+    lines = ["  " * depth + f"{task.name}: " + " > ".join(frames(task.coro)[-4:])]
     for nursery in task.child_nurseries:
         for child in nursery.child_tasks:
             lines += task_tree(child, depth + 1)

@@ -26,15 +26,40 @@ here and hung under load.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import trio
+
+
+class AdmissionMonitor(Protocol):
+    """Watches admission (blockdrv-fuzz's fairness checker implements this).  Every call
+    is made in the task of the request it is about."""
+
+    def entered(self, overtaken: int) -> None:
+        """A request was admitted at once, passing ``overtaken`` waiting requests
+        (0 unless admission is unfair)."""
+
+    def parked(self) -> object:
+        """A request starts waiting; returns a token given back to ``granted`` or
+        ``abandoned``."""
+
+    def granted(self, token: object) -> None:
+        """A waiting request was admitted."""
+
+    def abandoned(self, token: object) -> None:
+        """A waiting request left without being admitted (it was cancelled)."""
+
+    def left(self) -> None:
+        """An admitted request gave its place back."""
+
+    def rule_changed(self) -> None:
+        """The admission rule changed (the connection state did)."""
 
 
 class Admission:
     """The admitted count of one device and the queue of requests waiting for room."""
 
-    __slots__ = ("admitted", "_queue", "_may_admit")
+    __slots__ = ("admitted", "monitor", "_queue", "_may_admit")
 
     def __init__(self, may_admit: Callable[[int], bool]) -> None:
         self.admitted = 0  # qemu's s->in_flight: admitted attempts
@@ -42,6 +67,7 @@ class Admission:
         # is cancelled, long before the waiter runs again, so only the lot knows.
         self._queue = trio.lowlevel.ParkingLot()
         self._may_admit = may_admit  # given the admitted count: may one more enter?
+        self.monitor: AdmissionMonitor | None = None
 
     def __repr__(self) -> str:
         return f"<Admission admitted={self.admitted} waiting={self.waiting}>"
@@ -51,30 +77,50 @@ class Admission:
         """Requests parked in the queue."""
         return len(self._queue)
 
+    def _room(self) -> bool:
+        """May a newcomer enter now?  Only if nobody waits and the rule allows it."""
+        return not self._queue and self._may_admit(self.admitted)
+
     def try_enter(self) -> bool:
         """Enter at once if nobody waits and the rule allows it (no checkpoint)."""
-        if self._queue or not self._may_admit(self.admitted):
+        if not self._room():
             return False
         self.admitted += 1
+        if self.monitor is not None:
+            self.monitor.entered(len(self._queue))
         return True
 
     async def enter(self) -> bool:
         """Be admitted, in arrival order; True if this had to wait (it yielded)."""
         if self.try_enter():
             return False
-        await self._queue.park()  # woken only by grant(), which counted us in
+        monitor = self.monitor
+        if monitor is None:
+            await self._queue.park()  # woken only by grant(), which counted us in
+            return True
+        token = monitor.parked()
+        try:
+            await self._queue.park()
+        except BaseException:
+            monitor.abandoned(token)
+            raise
+        monitor.granted(token)
         return True
 
     def leave(self) -> None:
         """An admitted request is done with its attempt: its room goes to the oldest
         waiter."""
         self.admitted -= 1
+        if self.monitor is not None:
+            self.monitor.left()
         if self._queue:
             self.grant()
 
-    def grant(self) -> None:
+    def grant(self, *, rule_changed: bool = False) -> None:
         """Admit the oldest waiters while the rule allows (call after any change that
-        may make room: a request leaving, a state change)."""
+        may make room: a request leaving, a state change: ``rule_changed``)."""
+        if rule_changed and self.monitor is not None:
+            self.monitor.rule_changed()
         queue = self._queue
         while queue and self._may_admit(self.admitted):
             self.admitted += 1

@@ -90,7 +90,7 @@ from ..protocol.replies import ReplyCursor
 from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_request
 from ..transport import Channel, TransportError
-from .admission import Admission
+from .admission import Admission, AdmissionMonitor
 from .connection import ClientConnection, worth_retrying_open
 from .dispatch import MAX_SLOTS, Dispatcher, ReplyLost, Session, Slot
 from .handshake import HandshakeOptions, StreamFactory, connect_export
@@ -112,7 +112,9 @@ class DeviceStatistics:
 
     ``bytes_read`` counts the bytes READ requests delivered to callers, holes included;
     ``hole_bytes_read`` is the part of it that came as holes (no data on the wire).
-    ``requests_waiting`` are waiting for admission right now.
+    ``requests_waiting`` are waiting for admission right now.  ``sends_finished_cancelled``
+    counts requests cancelled while their header or payload was going out that finished
+    sending (under the ``cancel_timeout`` shield) instead of breaking the connection.
     """
 
     state: State
@@ -127,6 +129,7 @@ class DeviceStatistics:
     reconnect_timer_armed: bool
     hole_bytes_read: int = 0
     requests_waiting: int = 0
+    sends_finished_cancelled: int = 0
 
 
 class NBDDevice(BlockNode):
@@ -177,7 +180,7 @@ class NBDDevice(BlockNode):
         self._closing = False
         self._closed = trio.Event()
         self._stats = {"requests": 0, "bytes_written": 0, "reconnects": 0, "retried": 0,
-                       "delay_expired": 0}
+                       "delay_expired": 0, "sends_finished_cancelled": 0}
         self._worker: ClientConnection[tuple[Channel, ExportInfo]] = ClientConnection(
             self._connect, nursery, close_result=self._close_connection,
             on_ready=self._adopt, retry_initial=retry_initial, retry_max=retry_max,
@@ -221,7 +224,8 @@ class NBDDevice(BlockNode):
             reconnect_delay_expired=s["delay_expired"],
             reconnect_timer_armed=self._delay_timer is not None,
             hole_bytes_read=dispatch.hole_bytes_read,
-            requests_waiting=self._admission.waiting)
+            requests_waiting=self._admission.waiting,
+            sends_finished_cancelled=s["sends_finished_cancelled"])
 
     # --- opening and closing ---------------------------------------------------------
 
@@ -312,7 +316,7 @@ class NBDDevice(BlockNode):
             self._delay_timer = None
         if new is State.CONNECTING_WAIT:
             self._start_delay_timer()
-        self._admission.grant()  # the rule changed: the oldest waiters may enter now
+        self._admission.grant(rule_changed=True)  # the oldest waiters may enter now
 
     def _start_delay_timer(self) -> None:
         scope = trio.CancelScope()
@@ -390,6 +394,10 @@ class NBDDevice(BlockNode):
         self._worker.cancel_wait()
 
     # --- admission and reconnecting -----------------------------------------------------
+
+    def monitor_admission(self, monitor: AdmissionMonitor | None) -> None:
+        """Report every admission to ``monitor`` (blockdrv-fuzz's fairness check)."""
+        self._admission.monitor = monitor
 
     def _may_admit(self, admitted: int) -> bool:
         state = self._state.value
@@ -543,9 +551,13 @@ class NBDDevice(BlockNode):
                     _check_unchanged(payload, digest)
                 try:
                     if payload is None:
-                        await channel.send(header, finish_within=self.cancel_timeout)
+                        slot.cancelled_at = await channel.send(
+                            header, finish_within=self.cancel_timeout)
                     else:
-                        await channel.send(header, payload, finish_within=self.cancel_timeout)
+                        slot.cancelled_at = await channel.send(
+                            header, payload, finish_within=self.cancel_timeout)
+                    if slot.cancelled_at is not None:
+                        self._stats["sends_finished_cancelled"] += 1
                 except TransportError as exc:
                     self._channel_failed(session, exc)
                     raise _TransportFailure(str(exc)) from None
@@ -607,11 +619,11 @@ class NBDDevice(BlockNode):
 
     async def _finish_cancelled(self, slot: Slot) -> None:
         """A cancelled request reads the rest of its own reply (discarding it), so the
-        stream stays in step; at most ``cancel_timeout`` long, else the connection is
-        declared broken."""
+        stream stays in step; at most ``cancel_timeout`` after the cancellation arrived
+        (finishing its send counts too), else the connection is declared broken."""
         slot.buffer = None
         with trio.CancelScope(shield=True) as shield:
-            shield.deadline = trio.current_time() + self.cancel_timeout
+            shield.deadline = (slot.cancelled_at or trio.current_time()) + self.cancel_timeout
             try:
                 await self._dispatch.receive(slot)
             except (TransportError, ProtocolError, ReplyLost) as exc:

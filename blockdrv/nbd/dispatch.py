@@ -82,7 +82,7 @@ class Slot:
     """One request in flight: its cookie, its reply's cursor and where data goes."""
 
     __slots__ = ("cookie", "session", "cursor", "buffer", "task", "receiving", "extents",
-                 "payload", "yielded", "waits", "holes")
+                 "payload", "yielded", "waits", "holes", "cancelled_at")
 
     def __init__(self, cookie: int, session: Session, cursor: ReplyCursor,
                  buffer: memoryview | None) -> None:
@@ -97,6 +97,7 @@ class Slot:
         self.yielded = False  # the request passed a schedule point (see the device)
         self.waits = session.channel.waits  # the channel's wait count when it was sent
         self.holes: list[tuple[int, int]] | None = None  # READ ranges that came as holes
+        self.cancelled_at: float | None = None  # a cancellation absorbed by the send
 
 
 class Dispatcher:

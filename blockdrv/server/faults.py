@@ -62,7 +62,7 @@ import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import trio
 
@@ -183,12 +183,15 @@ class Faults:
         default_factory=lambda: collections.deque(maxlen=4096))
     modes: list[ModeRule] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
+    crash_countdown: int | None = None
+    crash: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
     def _update(self) -> None:
         self.active = bool(self.delays or self.rules or self.drop_countdown is not None
+                           or self.crash_countdown is not None
                            or self.cut_countdown is not None or self.stall_until is not None
                            or self.malformed_kind or self.lose_rate or self.stale_rate
                            or self.modes)
@@ -295,6 +298,12 @@ class Faults:
         self.malformed_countdown = max(every, 1)
         self._update()
 
+    def crash_after(self, requests: int, crash: Callable[[], None]) -> None:
+        """Call ``crash`` when the ``requests``-th next request arrives (``blockdrv serve
+        --crash-after N`` makes it kill its own process: a server crash on cue)."""
+        self.crash_countdown, self.crash = requests, crash
+        self._update()
+
     def lose_writes(self, rate: float = 1.0) -> None:
         """Acknowledge writes without storing them, with probability ``rate``."""
         self.lose_rate = rate
@@ -335,6 +344,11 @@ class Faults:
 
     def request_arrived(self) -> bool:
         """Count a request; True when the connection must be cut now."""
+        if self.crash_countdown is not None:
+            self.crash_countdown -= 1
+            if self.crash_countdown <= 0 and self.crash is not None:
+                self.injected["crash"] += 1
+                self.crash()
         if self.drop_countdown is None:
             return False
         self.drop_countdown -= 1

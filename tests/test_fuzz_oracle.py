@@ -1,0 +1,131 @@
+"""The fuzzer's judge and monitors on made-up outcomes: no server, no proxy, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from blockdrv import ConnectionLostError, ProtocolError, RequestError, State
+from blockdrv.fuzz.config import DEFAULT_FAULTS, HOSTILE_FAULTS, FuzzConfig, parse_faults
+from blockdrv.fuzz.model import Model
+from blockdrv.fuzz.monitors import FairnessMonitor, MemoryMonitor, StepTimer
+from blockdrv.fuzz.oracle import Circumstances, Oracle
+from blockdrv.fuzz.records import Op
+from blockdrv.protocol.errors import InvalidArgumentError
+
+MiB = 1024 * 1024
+
+
+def oracle():
+    found: list[tuple[str, str, str, str]] = []
+    config = FuzzConfig(size=MiB)
+    return Oracle(config, Model(MiB, 4096), lambda *v: found.append(v)), found
+
+
+def test_reads_are_checked_against_what_was_written():
+    judge, found = oracle()
+    judge.succeeded(Op(1, "write", 4096, 4096), None, b"w" * 4096)
+    judge.succeeded(Op(2, "read", 0, 8192), bytes(4096) + b"w" * 4096, None)
+    assert found == []
+    judge.succeeded(Op(3, "read", 4096, 4096), b"x" * 4096, None)
+    assert [v[3] for v in found] == ["data"] and "#3 read" in found[0][0]
+
+
+def test_a_failed_write_makes_its_range_unknown_not_a_violation():
+    judge, found = oracle()
+    judge.succeeded(Op(1, "write", 0, 4096), None, b"w" * 4096)
+    judge.failed(Op(2, "write", 0, 4096), RequestError("x", errno=5),
+                 Circumstances(errors_injected=True))
+    judge.succeeded(Op(3, "read", 0, 4096), b"?" * 4096, None)  # anything goes now
+    assert found == []
+
+
+@pytest.mark.parametrize("exc, around, explained", [
+    (ProtocolError("bad"), Circumstances(), False),
+    (ProtocolError("bad"), Circumstances(protocol_faults=1), True),
+    (RequestError("eio", errno=5), Circumstances(), False),
+    (RequestError("eio", errno=5), Circumstances(errors_injected=True), True),
+    (ConnectionLostError("gone"), Circumstances(), False),
+    (ConnectionLostError("gone"), Circumstances(cancel_in_flight=True), True),
+    (ConnectionLostError("gone"), Circumstances(cancel_in_flight=True, delay_expired=True),
+     False),
+    (ConnectionLostError("gone"), Circumstances(state=State.QUIT, protocol_faults=2), True),
+    (ValueError("drain"), Circumstances(protocol_faults=3, errors_injected=True), False),
+])
+def test_only_the_right_circumstances_explain_a_failure(exc, around, explained):
+    judge, found = oracle()
+    reason = judge.failed(Op(1, "read", 0, 4096), exc, around)
+    assert (reason is not None) is explained
+    assert (found == []) is explained
+
+
+def test_durations_hangs_and_late_cancellations():
+    judge, found = oracle()
+    judge.duration(Op(1, "read", 0, 4096), 1.0, hung=False, cancelled=False)
+    judge.duration(Op(2, "read", 0, 4096, cancel_after=0.5), 3.0, hung=False, cancelled=True)
+    assert found == []  # 0.5 + cancel_timeout (2) + 1 >= 3
+    judge.duration(Op(3, "read", 0, 4096, cancel_after=0.5), 3.6, hung=False, cancelled=True)
+    judge.duration(Op(4, "read", 0, 4096), 99.0, hung=True, cancelled=False)
+    assert [(v[0], v[3]) for v in found] == [("#3 read 0+4096", "deadline"),
+                                             ("#4 read 0+4096", "deadline")]
+
+
+def test_fault_specs():
+    assert parse_faults("default") == DEFAULT_FAULTS
+    assert set(HOSTILE_FAULTS) <= set(parse_faults("default"))
+    assert "kill" not in parse_faults("default,-kill")
+    assert parse_faults("none,flood,duplicate") == ("flood", "duplicate")
+    assert "lose-writes" in parse_faults("all") and "lose-writes" not in parse_faults("default")
+    with pytest.raises(InvalidArgumentError, match="unknown fault 'bogus'"):
+        parse_faults("default,bogus")
+    assert FuzzConfig(max_in_flight=6).concurrency == 24  # oversubscribed by default
+
+
+async def test_fairness_monitor_reports_overtakes_and_long_waits(autojump_clock):
+    found: list[tuple[str, str, str, str]] = []
+    monitor = FairnessMonitor(2, lambda *v: found.append(v))
+    monitor.entered(0)
+    monitor.left()
+    assert found == []
+    monitor.entered(3)  # a newcomer passed three waiting requests
+    assert found[-1][3] == "fairness" and "3 waiting" in found[-1][2]
+    # A request waits 10 s while one other, served in 1 s, was admitted: bound 2 s.
+    token = monitor.parked()
+
+    async def served_for(seconds: float) -> None:
+        monitor.entered(0)
+        await trio.sleep(seconds)
+        monitor.left()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(served_for, 1)
+    await trio.sleep(9)
+    monitor.granted(token)
+    assert "waited 10.00 s" in found[-1][2] and "within 2.00 s" in found[-1][1]
+    # Across a change of the rule (an outage), waits are not held to the bound.
+    token = monitor.parked()
+    monitor.rule_changed()
+    await trio.sleep(30)
+    before = len(found)
+    monitor.granted(token)
+    assert len(found) == before and monitor.wait_max == 30
+
+
+def test_memory_monitor_budget_follows_the_requests_in_flight():
+    found: list[tuple[str, str, str, str]] = []
+    memory = MemoryMonitor(10 * MiB, lambda *v: found.append(v))
+    memory.holding(4 * MiB)
+    memory.holding(1 * MiB)
+    assert memory.budget == 18 * MiB  # 2 x the peak held + the allowance
+    memory.start()
+    memory.baseline -= 64 * MiB  # as if we had grown by 64 MiB since the start
+    memory.sample()
+    memory.sample()
+    assert len(found) == 1 and found[0][3] == "memory"  # reported once
+
+
+def test_step_timer_keeps_the_longest_step():
+    timer = StepTimer()
+    timer.after_task_step(None)  # type: ignore[arg-type]  # added mid-step: ignored
+    assert timer.take() == (0.0, "")
