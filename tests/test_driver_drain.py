@@ -1,13 +1,21 @@
-"""Drained sections: their owner does I/O through the handle, never hangs on itself."""
+"""Drained sections: they wait for what is in flight (an outage included), nest and
+never cancel; their owner does I/O through the handle and never hangs on itself."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 import trio.testing
-from support.inprocess import open_in_process
+from support.inprocess import (
+    disk,
+    open_in_process,
+    wait_until_waiting,
+)
+from support.outcomes import outcome
 
-from blockdrv import DeadlockError
+from blockdrv import (
+    DeadlockError,
+)
 from blockdrv.block import TraceFilter, insert_filter
 
 MiB = 1024 * 1024
@@ -73,3 +81,72 @@ async def test_the_handle_passes_the_gates_below_a_filter_and_multiconn(autojump
             assert [r.kind for r in trace.records] == ["write"]
             assert dev.filters == (trace,)
             assert await dev.pread(4096, 0) == b"m" * 4096
+
+
+@pytest.mark.parametrize("comes_back_after", [None, 3])
+async def test_drain_during_an_outage(comes_back_after, autojump_clock):
+    export = disk()
+    export.faults.delay("write", 1)
+    with trio.fail_after(120):
+        async with open_in_process(export, reconnect_delay=10,
+                                   retry_initial=0.5) as (dev, srv):
+            outcomes = []
+
+            async def write(i):
+                await outcome(outcomes, dev.pwrite, b"w" * 512, i * 512)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(write, i)
+                await wait_until_waiting(dev, 4)
+                srv.kill()
+                if comes_back_after:
+                    nursery.start_soon(srv.restart_after, comes_back_after)
+                start = trio.current_time()
+                late = trio.Event()
+
+                async def late_request():
+                    await dev.pread(512, 0)
+                    late.set()
+
+                async with dev.drained():
+                    elapsed = trio.current_time() - start
+                    assert dev.in_flight.value == 0
+                    nursery.start_soon(late_request)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not late.is_set()  # new requests wait during the section
+                    if comes_back_after is None:
+                        # The drain waited for the requests, which the reconnect delay
+                        # (not the drain) ended.
+                        assert 10 <= elapsed <= 10.5
+                        srv.restart()
+                        await srv.accepted.wait()  # the worker is back on the server
+                        await trio.testing.wait_all_tasks_blocked()
+                    else:
+                        assert comes_back_after <= elapsed < 10
+            assert outcomes == (["failed"] * 4 if comes_back_after is None else ["ok"] * 4)
+            assert late.is_set()
+
+
+async def test_drains_nest_and_never_cancel(autojump_clock):
+    export = disk()
+    export.faults.delay("read", 5)
+    with trio.fail_after(60):
+        async with open_in_process(export) as (dev, srv):
+            results = []
+
+            async def read():
+                results.append(await dev.pread(512, 0))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await wait_until_waiting(dev, 1)
+                start = trio.current_time()
+                async with dev.drained():
+                    async with dev.drained():
+                        assert results == [bytes(512)]  # finished, not cancelled
+                        assert trio.current_time() - start >= 5
+                    nursery.start_soon(read)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(results) == 1  # outer drain still holds new requests
+            assert len(results) == 2

@@ -109,3 +109,14 @@ async def open_in_process(export: Export | None = None, *,
             connect = srv.wrapped_connect(wrap)
         async with open_nbd(URI, stream_factory=connect, **options) as dev:
             yield dev, srv
+
+
+def disk(size: int = 8 * MiB, **kw: Any) -> Export:
+    """A memory export (the in-process tests' usual disk)."""
+    return Export("", MemoryBackend(size), **kw)
+
+
+async def wait_until_waiting(dev: Any, count: int) -> None:
+    """Until ``count`` requests are in flight and everything has settled."""
+    await dev.in_flight.wait_value(lambda n: n >= count)
+    await trio.testing.wait_all_tasks_blocked()
