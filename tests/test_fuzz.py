@@ -299,12 +299,14 @@ async def test_proxy_hostile_faults_against_nbdkit(tmp_path):
 
 @pytest.mark.parametrize("server", ["embedded", "nbdkit", "qemu-nbd"])
 def test_a_short_run_with_every_hostile_fault(server, tmp_path):
-    """The kinds this fault model added, each injected, against every server kind, with
-    every invariant checked (CI's short form of the ten-minute runs)."""
+    """The kinds this fault model added, injected against every server kind, with every
+    invariant checked (CI's short form of the ten-minute runs, which add them to the
+    default kinds).  Only they, twice as often as by default, so that each run injects
+    enough of them: about 20 arrivals in 10 s."""
     report = tmp_path / "out.json"
     kinds = "duplicate,flood,tiny-chunks,unrequested-context,slowloris,cancel-write"
     out = fuzz("--server", server, "--seed", "11", "--duration", "10", "--faults",
-               f"default,{kinds}", "--size", "16M", "--quiet", "--json", str(report),
+               kinds, "--fault-interval", "0.5", "--size", "16M", "--quiet", "--json", str(report),
                "--reproducer", str(tmp_path / "r.json"))
     summary = json.loads(report.read_text())
     assert summary["violations"] == [], summary["violations"][:3]
@@ -316,4 +318,5 @@ def test_a_short_run_with_every_hostile_fault(server, tmp_path):
     for key in ("loop_lag_max_s", "rss_peak_mib", "admission_wait_max_s"):
         assert key in summary
     assert summary["admission_overtakes"] == 0
-    assert sum(injected.get(kind, 0) for kind in kinds.split(",")) >= 6, injected
+    new = {kind: injected.get(kind, 0) for kind in kinds.split(",")}
+    assert sum(new.values()) >= 6 and sum(map(bool, new.values())) >= 4, injected

@@ -89,7 +89,7 @@ CASES = {
                  dict(faults=(), ops=3000)),
     "liveness": (plant_chunk_loop_without_a_checkpoint,
                  dict(faults=("flood",), duration=12, fault_interval=0.3,
-                      flood_bytes=96 * MiB)),
+                      flood_bytes=16 * MiB)),
     "data": (plant_cookies_that_reuse_the_slot_index,
              dict(faults=("duplicate",), duration=15, fault_interval=0.05,
                   structured=False, max_in_flight=4)),

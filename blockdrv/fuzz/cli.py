@@ -77,6 +77,8 @@ def _table(result: FuzzResult) -> Table:
 @click.option("--faults", "faults_text", default="default", show_default=True,
               help="Fault kinds, comma-separated: default, all, none, "
                    + ", ".join(ALL_FAULTS) + "; -KIND takes one out (default,-kill).")
+@click.option("--fault-interval", type=click.FloatRange(0.01), default=1.0,
+              show_default=True, help="Mean seconds between network faults.")
 @click.option("--reconnect-delay", type=float, default=15.0, show_default=True)
 @click.option("--size", type=SIZE, default="64M", show_default=True)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False),
@@ -89,7 +91,7 @@ def _table(result: FuzzResult) -> Table:
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
          ops: int | None, concurrency: int | None, max_in_flight: int, connections: int,
-         faults_text: str,
+         faults_text: str, fault_interval: float,
          reconnect_delay: float, size: int, json_file: str | None, reproducer: str | None,
          replay: str | None, quiet: bool) -> None:
     """Put the NBD driver through a seeded fault-injection run and check invariants."""
@@ -104,6 +106,7 @@ def main(server: str, server_cmd: str | None, seed: int, duration: float | None,
                                 duration=duration, ops=ops, concurrency=concurrency,
                                 max_in_flight=max_in_flight, connections=connections,
                                 faults=parse_faults(faults_text),
+                                fault_interval=fault_interval,
                                 reconnect_delay=reconnect_delay, size=size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -31,8 +31,8 @@ A hostile peer, made out of any well-behaved server:
 - :meth:`flood` ``(where)``: instead of the server's next reply (``"reply"``: error
   chunks for a request in flight) or the next connection's answer to its goal option
   (``"handshake"``: NBD_REP_INFO, NBD_REP_SERVER or NBD_REP_META_CONTEXT replies), an
-  endless stream, written from a thread so the client always has data to read (as a
-  peer in another process would), until the client goes away or ``flood_bytes`` went
+  endless stream, written by a child process so the client always has data to read
+  (see :mod:`blockdrv.fuzz.flood`), until the client goes away or ``flood_bytes`` went
   out; then the connection is closed;
 - :meth:`unrequested_context`: the next connection's SET_META_CONTEXT answer gains a
   context nobody asked for, just before its acknowledgement.
@@ -42,28 +42,20 @@ A hostile peer, made out of any well-behaved server:
 
 from __future__ import annotations
 
-import errno
-import itertools
-import os
 import random
-import select
 import socket as _stdlib_socket
 import struct
-import threading
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import trio
 from trio_util import AsyncValue
 
-from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType, Info, Option, OptionReply
+from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType, Option, OptionReply
 from ..protocol.errors import ProtocolError
 from ..protocol.options import (
-    encode_info_string,
     encode_option_reply,
     encode_rep_meta_context,
-    encode_rep_server,
 )
 from ..protocol.uri import NBDAddress
 from ..protocol.wire import (
@@ -73,11 +65,11 @@ from ..protocol.wire import (
     decode_reply_header,
     encode_chunk_header,
     encode_data_chunk_header,
-    encode_error_chunk,
     encode_simple_reply,
 )
 from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
 from ..transport import open_stream, open_unix_listener, remove_socket_file
+from .flood import HANDSHAKE_FLOODS, FloodSpec, pour
 from .observer import StreamObserver
 
 TO_SERVER = "to_server"
@@ -107,7 +99,7 @@ class _Link:
         self._capturing = False
         self._last_reply: bytes | None = None
         self._held: bytearray | None = None  # a message held whole (for tiny-chunks)
-        self._stop_flood = threading.Event()
+        self._flooding = trio.CancelScope()  # the flood's child process runs inside
 
     async def run(self) -> None:
         with self.scope:
@@ -172,7 +164,7 @@ class _Link:
         if points and points[0] == 0 and "flood-reply" in armed and pending is not None \
                 and observer.structured:
             armed.discard("flood-reply")
-            await self._flood(self._error_chunks(pending))
+            await self._flood(FloodSpec("error-chunks", pending, self.observer.extended))
             return
         if points and "duplicate" in armed and self._last_reply is not None:
             cut = points[0]
@@ -266,29 +258,21 @@ class _Link:
                     option, OptionReply.META_CONTEXT,
                     encode_rep_meta_context(0x7FFF_FFF0, "qemu:unrequested")))
                 return data[at:]
-            if "flood-handshake" in armed and option in _FLOODS:
+            if "flood-handshake" in armed and option in HANDSHAKE_FLOODS:
                 armed.discard("flood-handshake")
                 await self._send_to_client(data[:at])
-                await self._flood(_FLOODS[option](option))
+                await self._flood(HANDSHAKE_FLOODS[option](option))
                 return b""
         return data
 
-    def _error_chunks(self, cookie: int) -> Callable[[], bytes]:
-        chunk = encode_error_chunk(cookie, errno.EIO, "flood", done=False,
-                                   extended=self.observer.extended)
-        block = chunk * (65536 // len(chunk))
-        return lambda: block
-
-    async def _flood(self, blocks: Callable[[], bytes]) -> None:
-        """An endless stream from a thread until the client goes away or the proxy's
-        ``flood_bytes`` went out; then the link closes."""
+    async def _flood(self, spec: FloodSpec) -> None:
+        """An endless stream from a child process until the client goes away or the
+        proxy's ``flood_bytes`` went out; then the link closes."""
         self.proxy.injected["flood"] += 1
-        fd = os.dup(self.client.socket.fileno())  # the thread's own: closed by the thread
         try:
-            await trio.to_thread.run_sync(_pour, fd, blocks, self._stop_flood,
-                                          self.proxy.flood_bytes, abandon_on_cancel=True)
+            with self._flooding:
+                await pour(self.client.socket.fileno(), spec, self.proxy.flood_bytes)
         finally:
-            self._stop_flood.set()
             self.scope.cancel()
 
     def _malformed_header(self) -> bytes:
@@ -320,7 +304,7 @@ class _Link:
         self.scope.cancel()
 
     async def _close(self) -> None:
-        self._stop_flood.set()
+        self._flooding.cancel()
         with trio.CancelScope(shield=True):
             for stream in (self.client, self.server):
                 try:
@@ -497,55 +481,3 @@ def split_data_chunk(message: bytes, *, extended: bool, rng: random.Random) -> b
                                         extended=extended)
         out += data[a:b]
     return bytes(out)
-
-
-def _info_flood(option: int) -> Callable[[], bytes]:
-    block = encode_option_reply(option, OptionReply.INFO,
-                                encode_info_string(Info.NAME, "flood")) * 2048
-    return lambda: block
-
-
-def _list_flood(option: int) -> Callable[[], bytes]:
-    block = encode_option_reply(option, OptionReply.SERVER,
-                                encode_rep_server("x" * 64, "y" * 64)) * 384
-    return lambda: block
-
-
-def _context_flood(option: int) -> Callable[[], bytes]:
-    """Distinct contexts (a repeated one would be kept once), a block at a time."""
-    numbers = itertools.count(1)
-
-    def block() -> bytes:
-        return b"".join(encode_option_reply(option, OptionReply.META_CONTEXT,
-                                            encode_rep_meta_context(n, f"flood:{n}"))
-                        for n in itertools.islice(numbers, 1024))
-    return block
-
-
-_FLOODS: dict[int, Callable[[int], Callable[[], bytes]]] = {
-    Option.GO: _info_flood, Option.INFO: _info_flood, Option.LIST: _list_flood,
-    Option.LIST_META_CONTEXT: _context_flood, Option.SET_META_CONTEXT: _context_flood,
-}
-
-
-def _pour(fd: int, blocks: Callable[[], bytes], stop: threading.Event, limit: int) -> int:
-    """(In a thread.)  Write ``blocks()`` to ``fd`` until ``limit`` bytes went out, the
-    peer is gone, or ``stop`` is set; closes ``fd``; returns the bytes written."""
-    sent = 0
-    view = memoryview(blocks())
-    try:
-        while sent < limit and not stop.is_set():
-            _, writable, _ = select.select([], [fd], [], 0.1)
-            if not writable:
-                continue
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                continue
-            except OSError:
-                break  # the client went away
-            sent += n
-            view = view[n:] if n < len(view) else memoryview(blocks())
-    finally:
-        os.close(fd)
-    return sent
