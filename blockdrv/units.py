@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
           "E": 1 << 60}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*", re.IGNORECASE)

@@ -13,8 +13,7 @@ from support.inprocess import open_in_process
 from blockdrv.benchmark import run_bench
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.server import Export, MemoryBackend
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 async def _bench(raises: type[Exception] | None = None, match: str = "", **kwargs):

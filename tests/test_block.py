@@ -23,8 +23,7 @@ from blockdrv.block import (
     replace_node,
 )
 from blockdrv.server import Export, MemoryBackend
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 def device(size=4 * MiB, **options):

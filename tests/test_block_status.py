@@ -14,8 +14,8 @@ from blockdrv import InvalidArgumentError, open_nbd
 from blockdrv.node import BLOCK_STATUS_WINDOW, BlockNode, BlockRange, BlockStatus, Extent
 from blockdrv.protocol.constants import BASE_ALLOCATION, StateFlag
 from blockdrv.protocol.export import ExportInfo
+from blockdrv.units import GiB
 
-GiB = 1 << 30
 BITMAP = "qemu:dirty-bitmap:b0"
 
 

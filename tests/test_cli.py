@@ -15,18 +15,13 @@ from pathlib import Path
 
 import pytest
 from support.cli import blockdrv
-from support.peers import EmbeddedServer, Nbdkit, QemuNbd, file_server
+from support.peers import SERVER_KINDS, EmbeddedServer, Nbdkit, QemuNbd, file_server, nbdinfo_json
+
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
-SERVERS = ["nbdkit", "qemu-nbd", "embedded"]
 
-
-def nbdinfo_json(*args: str) -> object:
-    out = subprocess.run(["nbdinfo", "--json", *args], capture_output=True, text=True,
-                         timeout=60, check=True)
-    return json.loads(out.stdout)
 
 
 def patterned_image(path: Path, size: int, seed: int = 1) -> Path:
@@ -49,7 +44,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_info_matches_nbdinfo(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 16 * MiB)
     with file_server(kind, tmp_path, image) as peer:
@@ -69,7 +64,7 @@ def test_info_matches_nbdinfo(kind, tmp_path):
         assert f"export-size: {16 * MiB}" in text and "can_flush: true" in text
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_map_matches_nbdinfo_map(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 32 * MiB)
     with file_server(kind, tmp_path, image) as peer:
@@ -111,7 +106,7 @@ def test_list_names_every_export(tmp_path):
             blockdrv("list", peer.uri("disk")).stdout
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_copy_gives_the_image_nbdcopy_gives(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 48 * MiB, seed=3)
     mine, theirs = tmp_path / "mine.img", tmp_path / "theirs.img"
@@ -185,7 +180,7 @@ def test_info_says_when_multi_conn_is_not_offered(tmp_path):
         assert out["exports"][0]["connections"] == 4
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_list_and_bench_on_every_server(kind, tmp_path):
     image = patterned_image(tmp_path / "disk.img", 16 * MiB)
     extra = {"qemu-nbd": ["-x", "disk"], "embedded": ["--export", "disk"],

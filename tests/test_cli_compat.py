@@ -19,9 +19,10 @@ from support.cli import blockdrv
 from support.peers import EmbeddedServer, Nbdkit, QemuNbd, file_server
 from test_cli import patterned_image, sha256
 
+from blockdrv.units import MiB
+
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 
 
 def nbdinfo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -24,9 +24,10 @@ from typing import Iterator
 import pytest
 from support.peers import QemuNbd
 
+from blockdrv.units import MiB
+
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKDRV = [sys.executable, "-m", "blockdrv"]
 

@@ -19,8 +19,7 @@ from support.peers import Nbdkit
 from blockdrv import open_nbd
 from blockdrv.nbd.admission import Admission
 from blockdrv.server import Export, MemoryBackend
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 async def callers(dev, n: int, seconds: float) -> tuple[list[int], list[float], list[float]]:

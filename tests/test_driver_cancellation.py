@@ -28,8 +28,7 @@ from blockdrv import (
     open_nbd,
 )
 from blockdrv.server import Export, MemoryBackend
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 @pytest.mark.parametrize("stall, reconnects", [(3, 0), (10, 1)],

@@ -18,8 +18,6 @@ from blockdrv import (
 )
 from blockdrv.block import TraceFilter, insert_filter
 
-MiB = 1024 * 1024
-
 
 async def test_the_owner_does_io_through_the_sections_handle(autojump_clock):
     with trio.fail_after(60):

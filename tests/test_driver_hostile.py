@@ -24,8 +24,7 @@ from blockdrv import ConnectError, ProtocolError, open_nbd
 from blockdrv.nbd.query import list_exports, list_meta_contexts
 from blockdrv.protocol import negotiate, replies, wire
 from blockdrv.protocol.constants import ChunkType, Command
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 class LoopLag:

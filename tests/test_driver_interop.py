@@ -8,40 +8,24 @@ import random
 
 import pytest
 import trio
-from support.peers import EmbeddedServer, Nbdkit, NbdServer, QemuNbd
+from support.peers import ALL_KINDS, Nbdkit, NbdServer, QemuNbd, make_server
 
 from blockdrv import InvalidArgumentError, RequestError, State, open_nbd
 from blockdrv.protocol import StateFlag
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 
 
-def make(kind: str, tmp_path, image):
-    return {
-        "nbdkit-memory": lambda: Nbdkit(tmp_path, "memory", "64M"),
-        "nbdkit-file": lambda: Nbdkit(tmp_path, "file", str(image)),
-        "nbdkit-delay": lambda: Nbdkit(tmp_path, "--filter=delay", "file", str(image),
-                                       "rdelay=20ms", "wdelay=20ms"),
-        "nbdkit-no-sr": lambda: Nbdkit(tmp_path, "--no-sr", "file", str(image)),
-        "nbdkit-t1": lambda: Nbdkit(tmp_path, "-t", "1", "file", str(image)),
-        "nbdkit-tcp": lambda: Nbdkit(tmp_path, "file", str(image), transport="tcp"),
-        "qemu-nbd": lambda: QemuNbd(tmp_path, image),
-        "nbd-server": lambda: NbdServer(tmp_path, image),
-        "embedded": lambda: EmbeddedServer(tmp_path, "--file", str(image)),
-    }[kind]()
-
-
-ALL = ["nbdkit-memory", "nbdkit-file", "nbdkit-delay", "nbdkit-no-sr", "nbdkit-t1",
-       "nbdkit-tcp", "qemu-nbd", "nbd-server", "embedded"]
-FILE_BACKED = ["nbdkit-file", "nbdkit-tcp", "qemu-nbd", "nbd-server", "embedded"]
+ALL = ALL_KINDS
+FILE_BACKED = ["nbdkit", "nbdkit-tcp", "qemu-nbd", "nbd-server", "embedded"]
 
 
 @pytest.mark.parametrize("kind", ALL)
 async def test_io_against_real_servers(kind, tmp_path, image):
     rng = random.Random(kind)
-    with make(kind, tmp_path, image) as server, trio.fail_after(60):
+    with make_server(kind, tmp_path, image) as server, trio.fail_after(60):
         async with open_nbd(server.uri(), max_in_flight=8) as dev:
             assert dev.size == 64 * MiB
             blocks = {i: rng.randbytes(65536) for i in range(0, 256, 3)}
@@ -78,7 +62,7 @@ async def test_reconnect_across_a_killed_and_restarted_server(kind, tmp_path, im
     address; every request of the stream completes and the data is right."""
     rng = random.Random(kind)
     shadow = bytearray(4 * MiB)
-    with make(kind, tmp_path, image) as server, trio.fail_after(120):
+    with make_server(kind, tmp_path, image) as server, trio.fail_after(120):
         async with open_nbd(server.uri(), reconnect_delay=30, retry_initial=0.05,
                             retry_max=0.2) as dev:
 

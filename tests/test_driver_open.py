@@ -22,9 +22,9 @@ from blockdrv import (
     open_nbd,
 )
 from blockdrv.protocol.errors import ConnectError as ConnectErrorBesideTheOthers
+from blockdrv.units import MiB
 
 NOWHERE = "nbd+unix:///?socket=/nonexistent/blockdrv-test.sock"
-MiB = 1024 * 1024
 
 
 @pytest.mark.parametrize("options, named", [

@@ -22,8 +22,7 @@ from blockdrv import (
     State,
     open_nbd,
 )
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 async def test_no_task_reads_an_idle_connection(autojump_clock):

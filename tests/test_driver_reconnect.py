@@ -30,8 +30,7 @@ from blockdrv import (
     State,
     open_nbd,
 )
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 async def test_no_reconnect_delay_reconnects_in_the_background(autojump_clock):

@@ -20,8 +20,7 @@ from blockdrv import (
     State,
     UnsupportedError,
 )
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 async def test_large_requests_are_split_at_the_servers_maximum():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import trio
-from support.peers import EmbeddedServer, Nbdkit
+from support.peers import SERVER_KINDS, EmbeddedServer, Nbdkit
 from support.proxy import proxied
 
 from blockdrv import ConnectionLostError, ProtocolError, State, open_nbd
@@ -17,8 +17,7 @@ from blockdrv.fuzz.observer import StreamObserver
 from blockdrv.fuzz.proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
 from blockdrv.protocol import wire
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
@@ -297,7 +296,7 @@ async def test_proxy_hostile_faults_against_nbdkit(tmp_path):
             "flood": 2}
 
 
-@pytest.mark.parametrize("server", ["embedded", "nbdkit", "qemu-nbd"])
+@pytest.mark.parametrize("server", SERVER_KINDS)
 def test_a_short_run_with_every_hostile_fault(server, tmp_path):
     """The kinds this fault model added, injected against every server kind, with every
     invariant checked (CI's short form of the ten-minute runs, which add them to the

@@ -13,8 +13,7 @@ from blockdrv.fuzz.monitors import FairnessMonitor, MemoryMonitor, StepTimer
 from blockdrv.fuzz.oracle import Circumstances, Oracle
 from blockdrv.fuzz.records import Op
 from blockdrv.protocol.errors import InvalidArgumentError
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 
 def oracle():

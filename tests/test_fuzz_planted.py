@@ -20,8 +20,8 @@ from blockdrv.fuzz.config import FuzzConfig
 from blockdrv.fuzz.runner import FuzzRun
 from blockdrv.nbd import admission, dispatch
 from blockdrv.protocol import negotiate, replies
+from blockdrv.units import MiB
 
-MiB = 1024 * 1024
 pytestmark = pytest.mark.interop
 
 

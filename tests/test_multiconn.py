@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 from support.inprocess import URI, open_in_process, serving
-from support.peers import file_server, sparse_image
+from support.peers import SERVER_KINDS, file_server, sparse_image
 from support.workload import workload
 from trio_util import AsyncValue
 
@@ -14,8 +14,8 @@ from blockdrv import MultiConnDevice, NBDDevice, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.protocol.errors import InvalidArgumentError
 from blockdrv.server import Export, MemoryBackend
+from blockdrv.units import MiB
 
-MiB = 1024 * 1024
 BLOCK = 4096
 
 
@@ -136,7 +136,7 @@ async def test_drained_sections_and_a_server_restart_lose_nothing(autojump_clock
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("kind", ["nbdkit", "embedded", "qemu-nbd"])
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_multi_conn_against_real_servers(kind, tmp_path):
     image = sparse_image(tmp_path / "disk.img", 16 * MiB)
     with file_server(kind, tmp_path, image) as peer, trio.fail_after(60):

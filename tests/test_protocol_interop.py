@@ -6,13 +6,14 @@ import os
 
 import pytest
 from support.client import BlockingClient
+from support.peers import Nbdkit, make_server
 
 from blockdrv.protocol import Goal, RequestError, StateFlag
 from blockdrv.protocol.constants import TransmissionFlag
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 
 
 def test_negotiate_write_read_back(real_server):
@@ -77,9 +78,7 @@ def test_error_reply_out_of_range_is_request_error(real_server):
 
 @pytest.mark.parametrize("kind", ["nbdkit", "qemu-nbd"])
 def test_list_exports(kind, tmp_path, image):
-    from conftest import _make_peer
-
-    with _make_peer(kind, tmp_path, image) as peer:
+    with make_server(kind, tmp_path, image) as peer:
         client = BlockingClient(peer.connect())
         client.sock.settimeout(10)
         event = client.negotiate(goal=Goal.LIST)
@@ -88,8 +87,6 @@ def test_list_exports(kind, tmp_path, image):
 
 
 def test_info_goal_against_nbdkit(tmp_path):
-    from support.peers import Nbdkit
-
     with Nbdkit(tmp_path, "memory", "1M") as peer:
         client = BlockingClient(peer.connect())
         client.sock.settimeout(10)

@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 from support.client import BlockingClient
-from support.server_rig import STORE_KINDS, open_store, serving
+from support.inprocess import disk, serving
+from support.stores import STORE_KINDS, open_store
 
 from blockdrv.protocol import (
     Command,
@@ -21,12 +22,7 @@ from blockdrv.protocol import (
     StateFlag,
 )
 from blockdrv.server import Export, MemoryBackend, NBDServer
-
-MiB = 1024 * 1024
-
-
-def memory_export(name="", size=4 * MiB, **kw) -> Export:
-    return Export(name, MemoryBackend(size), **kw)
+from blockdrv.units import MiB
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -39,11 +35,11 @@ def store(request, tmp_path):
 
 
 async def test_requests_run_concurrently_and_replies_leave_out_of_order(autojump_clock):
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.delay("write", 5)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             w = await client.send(Command.WRITE, 0, 512, payload=b"w" * 512)
             r = await client.send(Command.READ, 4096, 512)
             await client.wait(w)
@@ -52,8 +48,8 @@ async def test_requests_run_concurrently_and_replies_leave_out_of_order(autojump
 
 async def test_shuffled_replies_still_carry_the_right_data():
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export(), shuffle_replies=True, seed=3)) as connect:
-            client = await connect()
+        async with serving(NBDServer(disk(4 * MiB), shuffle_replies=True, seed=3)) as srv:
+            client = await srv.client()
             blocks = {i: os.urandom(8192) for i in range(40)}
             for i, data in blocks.items():
                 await client.pwrite(data, i * 8192)
@@ -88,10 +84,10 @@ F = CommandFlag
     (C.RESIZE, 0, 0, 0, errno.EINVAL),
 ])
 async def test_bad_requests_get_the_spec_errors(command, flags, offset, length, code):
-    export = memory_export(min_block=512, max_payload=MiB)
+    export = disk(4 * MiB, min_block=512, max_payload=MiB)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             client.check_requests = False
             payload = bytes(length) if command == C.WRITE else b""
             with pytest.raises(RequestError) as excinfo:
@@ -105,8 +101,8 @@ async def test_zero_and_trim_of_any_length_inside_the_export(store):
     # They carry no payload: accepted beyond the maximum block size, as qemu-nbd does.
     export = Export("", store, max_payload=MiB)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             client.check_requests = False
             await client.pwrite(b"d" * MiB, 2 * MiB)
             await client.pwrite(b"e" * MiB, 5 * MiB)
@@ -124,8 +120,8 @@ async def test_huge_zero_and_block_status_on_a_huge_memory_export_are_cheap():
     # walk 16 million pages (the fail_after would fire first).
     export = Export("", MemoryBackend(1 << 40))
     with trio.fail_after(10):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             client.check_requests = False
             await client.pwrite(b"x" * 4096, 1 << 39)
             await client.zero(1 << 40, 0)
@@ -136,8 +132,8 @@ async def test_huge_zero_and_block_status_on_a_huge_memory_export_are_cheap():
 
 async def test_read_only_export_refuses_writes_with_eperm():
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export(read_only=True))) as connect:
-            client = await connect()
+        async with serving(NBDServer(disk(4 * MiB, read_only=True))) as srv:
+            client = await srv.client()
             client.check_requests = False
             for command in (C.WRITE, C.TRIM, C.WRITE_ZEROES):
                 payload = bytes(512) if command == C.WRITE else b""
@@ -148,12 +144,12 @@ async def test_read_only_export_refuses_writes_with_eperm():
 
 async def test_block_status_without_context_and_df_without_structured():
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export())) as connect:
-            client = await connect(meta_contexts=())
+        async with serving(NBDServer(disk(4 * MiB))) as srv:
+            client = await srv.client(meta_contexts=())
             client.check_requests = False
             with pytest.raises(RequestError, match="EINVAL"):
                 await client.block_status(4096, 0)
-            simple = await connect(structured=False, extended=False)
+            simple = await srv.client(structured=False, extended=False)
             simple.check_requests = False
             with pytest.raises(RequestError, match="EINVAL"):
                 await simple.pread(512, 0, CommandFlag.DF)
@@ -161,8 +157,8 @@ async def test_block_status_without_context_and_df_without_structured():
 
 async def test_simple_replies_when_structured_replies_are_refused():
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export())) as connect:
-            client = await connect(structured=False, extended=False)
+        async with serving(NBDServer(disk(4 * MiB))) as srv:
+            client = await srv.client(structured=False, extended=False)
             assert not client.info.structured
             await client.pwrite(b"x" * 4096, 8192)
             assert await client.pread(12288, 4096) == bytes(4096) + b"x" * 4096 + bytes(
@@ -174,8 +170,8 @@ async def test_simple_replies_when_structured_replies_are_refused():
 
 async def test_extended_headers_and_commands(store):
     with trio.fail_after(30):
-        async with serving(NBDServer(Export("", store))) as connect:
-            client = await connect()
+        async with serving(NBDServer(Export("", store))) as srv:
+            client = await srv.client()
             assert client.info.extended and client.info.structured
             await client.pwrite(b"a" * MiB, MiB, CommandFlag.FUA)
             await client.zero(64 * 1024, MiB, CommandFlag.NO_HOLE)
@@ -204,8 +200,8 @@ async def test_oversized_write_payload_is_a_disconnect_without_allocation():
     import tracemalloc
 
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export())) as connect:
-            client = await connect()
+        async with serving(NBDServer(disk(4 * MiB))) as srv:
+            client = await srv.client()
             client.check_requests = False
             tracemalloc.start()
             try:
@@ -220,8 +216,8 @@ async def test_oversized_write_payload_is_a_disconnect_without_allocation():
 
 async def test_write_over_max_payload_is_consumed_and_refused():
     with trio.fail_after(30):
-        async with serving(NBDServer(memory_export(max_payload=MiB))) as connect:
-            client = await connect()
+        async with serving(NBDServer(disk(4 * MiB, max_payload=MiB))) as srv:
+            client = await srv.client()
             client.check_requests = False
             with pytest.raises(RequestError, match="EINVAL"):
                 await client.pwrite(b"z" * (2 * MiB), 0)
@@ -229,17 +225,17 @@ async def test_write_over_max_payload_is_consumed_and_refused():
 
 
 async def test_several_exports_and_list():
-    server = NBDServer([memory_export("a", MiB), memory_export("b", 2 * MiB,
+    server = NBDServer([disk(MiB, name="a"), disk(2 * MiB, name="b",
                                                                 description="bee")])
     with trio.fail_after(30):
-        async with serving(server) as connect:
-            listed = await (await connect(negotiate=False)).negotiate(goal=Goal.LIST)
+        async with serving(server) as srv:
+            listed = await (await srv.client(negotiate=False)).negotiate(goal=Goal.LIST)
             assert [(e.name, e.description) for e in listed.exports] == [("a", ""),
                                                                          ("b", "bee")]
-            a = await connect(export="a")
-            b = await connect(export="b")
+            a = await srv.client(export="a")
+            b = await srv.client(export="b")
             assert (a.info.size, b.info.size) == (MiB, 2 * MiB)
-            default = await connect(export="")
+            default = await srv.client(export="")
             assert default.info.name == "a"
 
 
@@ -247,7 +243,7 @@ async def test_several_exports_and_list():
 
 
 async def test_faults_are_off_until_set():
-    export = memory_export()
+    export = disk(4 * MiB)
     assert not export.faults.active
     export.faults.delay("read", 1)
     assert export.faults.active
@@ -256,11 +252,11 @@ async def test_faults_are_off_until_set():
 
 
 async def test_fail_every_nth_with_a_chosen_errno():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.fail("write", errno=errno.ENOSPC, every=2)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             results = []
             for i in range(6):
                 try:
@@ -273,12 +269,12 @@ async def test_fail_every_nth_with_a_chosen_errno():
 
 
 async def test_fail_by_byte_range_and_rate():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.fail(["read"], errno=errno.EIO, byte_range=(MiB, 4096))
     export.faults.fail(["flush"], rate=0.5)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             await client.pread(4096, 0)
             with pytest.raises(RequestError, match="EIO"):
                 await client.pread(8192, MiB - 4096)
@@ -293,9 +289,9 @@ async def test_fail_by_byte_range_and_rate():
 
 async def test_drop_after_requests():
     with trio.fail_after(30):
-        server = NBDServer(memory_export())
-        async with serving(server) as connect:
-            client = await connect()
+        server = NBDServer(disk(4 * MiB))
+        async with serving(server) as srv:
+            client = await srv.client()
             (connection,) = server.connections
             connection.faults.drop_after(3)
             await client.pread(512, 0)
@@ -307,9 +303,9 @@ async def test_drop_after_requests():
 @pytest.mark.parametrize("cut", [0, 5, 19, 30])
 async def test_drop_part_way_through_a_reply(cut):
     with trio.fail_after(30):
-        server = NBDServer(memory_export())
-        async with serving(server) as connect:
-            client = await connect()
+        server = NBDServer(disk(4 * MiB))
+        async with serving(server) as srv:
+            client = await srv.client()
             (connection,) = server.connections
             connection.faults.drop_in_reply(cut)
             with pytest.raises(EOFError):
@@ -318,9 +314,9 @@ async def test_drop_part_way_through_a_reply(cut):
 
 async def test_stall_stops_reading_and_writing(autojump_clock):
     with trio.fail_after(60):
-        server = NBDServer(memory_export())
-        async with serving(server) as connect:
-            client = await connect()
+        server = NBDServer(disk(4 * MiB))
+        async with serving(server) as srv:
+            client = await srv.client()
             (connection,) = server.connections
             start = trio.current_time()
             connection.faults.stall(10)
@@ -335,9 +331,9 @@ async def test_stall_stops_reading_and_writing(autojump_clock):
 ])
 async def test_malformed_replies(kind, message):
     with trio.fail_after(30):
-        server = NBDServer(memory_export())
-        async with serving(server) as connect:
-            client = await connect()
+        server = NBDServer(disk(4 * MiB))
+        async with serving(server) as srv:
+            client = await srv.client()
             (connection,) = server.connections
             connection.faults.malformed_reply(kind)
             with pytest.raises(ProtocolError, match=message):
@@ -346,10 +342,10 @@ async def test_malformed_replies(kind, message):
 
 
 async def test_lose_writes_silently():
-    export = memory_export()
+    export = disk(4 * MiB)
     with trio.fail_after(30):
-        async with serving(NBDServer(export)) as connect:
-            client = await connect()
+        async with serving(NBDServer(export)) as srv:
+            client = await srv.client()
             await client.pwrite(b"1" * 512, 0)
             export.faults.lose_writes()
             await client.pwrite(b"2" * 512, 0)  # acknowledged ...
@@ -359,10 +355,10 @@ async def test_lose_writes_silently():
 
 async def test_connection_faults_touch_only_that_connection():
     with trio.fail_after(30):
-        server = NBDServer(memory_export())
-        async with serving(server) as connect:
-            bad = await connect()
-            good = await connect()
+        server = NBDServer(disk(4 * MiB))
+        async with serving(server) as srv:
+            bad = await srv.client()
+            good = await srv.client()
             conn = next(c for c in server.connections if c.requests == 0)
             conn.faults.fail(None, errno=errno.EIO)
             outcomes = []
@@ -379,13 +375,13 @@ async def test_connection_faults_touch_only_that_connection():
 
 
 async def test_graceful_shutdown_finishes_requests_in_progress(autojump_clock):
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.delay("write", 5)
     server = NBDServer(export, shutdown_timeout=30)
     with trio.fail_after(60):
-        async with serving(server) as connect:
-            client = await connect()
-            idle = await connect(negotiate=False)  # still in the handshake
+        async with serving(server) as srv:
+            client = await srv.client()
+            idle = await srv.client(negotiate=False)  # still in the handshake
             cookie = await client.send(Command.WRITE, 0, 512, payload=b"s" * 512)
             await server.requests_in_progress.wait_value(1)
             server.shutdown()
@@ -399,7 +395,7 @@ async def test_graceful_shutdown_finishes_requests_in_progress(autojump_clock):
 
 
 async def test_serve_unix_returns_after_shutdown_and_removes_its_socket(tmp_path):
-    server = NBDServer(memory_export())
+    server = NBDServer(disk(4 * MiB))
     path = str(tmp_path / "s.sock")
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -416,12 +412,12 @@ async def test_serve_unix_returns_after_shutdown_and_removes_its_socket(tmp_path
 
 
 async def test_kill_drops_everything_at_once():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.delay("read", 1000)
     server = NBDServer(export)
     with trio.fail_after(30):
-        async with serving(server) as connect:
-            client = await connect()
+        async with serving(server) as srv:
+            client = await srv.client()
             cookie = await client.send(Command.READ, 0, 512)
             await server.requests_in_progress.wait_value(1)
             server.kill()

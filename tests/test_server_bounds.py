@@ -16,7 +16,8 @@ import pytest
 import trio
 import trio.testing
 from support.client import AsyncClient
-from support.server_rig import STORE_KINDS, open_store, read_reply, rig_for
+from support.inprocess import disk, serving
+from support.stores import STORE_KINDS, open_store, read_reply
 
 from blockdrv.protocol import NEED_DATA, Command
 from blockdrv.protocol.constants import IHAVEOPT, ClientFlag, Option, OptionReply
@@ -27,14 +28,11 @@ from blockdrv.protocol.options import (
     encode_option,
 )
 from blockdrv.protocol.server_negotiate import MAX_OPTIONS, OptionAnswered, ServerNegotiator
-from blockdrv.server import Export, MemoryBackend, NBDServer
+from blockdrv.server import Export, NBDServer
+from blockdrv.units import MiB
 
-MiB = 1024 * 1024
 CLIENT_FLAGS = encode_client_flags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
-
-def memory_export(**kw) -> Export:
-    return Export("", MemoryBackend(4 * MiB), **kw)
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -66,7 +64,7 @@ def option_replies(said: bytes) -> list[tuple[int, int]]:
 
 
 async def fresh_client_is_served(rig) -> None:
-    client = await rig.connect()
+    client = await rig.client()
     at = client.info.size - 4096  # where the tests keep no data
     await client.pwrite(b"f" * 4096, at)
     assert await client.pread(4096, at) == b"f" * 4096
@@ -80,11 +78,11 @@ async def test_a_client_that_reads_no_replies_holds_at_most_the_budget(store):
     budget = 4 * MiB
     server = NBDServer(Export("", store, max_payload=MiB), buffer_budget=budget)
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
-            writer = await rig.connect()
+        async with serving(server) as rig:
+            writer = await rig.client()
             for i in range(7):
                 await writer.pwrite(bytes([i + 1]) * MiB, i * MiB)
-            hostile = await rig.connect(lockstep=True)  # no buffer: nothing read, no room
+            hostile = await rig.client(lockstep=True)  # no buffer: nothing read, no room
             connection = rig.connection_of[id(hostile)]
             cookies: list[int] = []
 
@@ -116,10 +114,10 @@ async def test_a_client_that_reads_no_replies_holds_at_most_the_budget(store):
 
 
 async def test_a_request_larger_than_the_budget_is_served_alone(autojump_clock):
-    server = NBDServer(memory_export(max_payload=2 * MiB), buffer_budget=MiB)
+    server = NBDServer(disk(4 * MiB, max_payload=2 * MiB), buffer_budget=MiB)
     with trio.fail_after(30):
-        async with rig_for(server) as rig:
-            client = await rig.connect()
+        async with serving(server) as rig:
+            client = await rig.client()
             await client.pwrite(b"b" * 2 * MiB, 0)
             reads = [await client.send(Command.READ, 0, 2 * MiB) for _ in range(3)]
             for cookie in reads:
@@ -130,12 +128,12 @@ async def test_a_request_larger_than_the_budget_is_served_alone(autojump_clock):
 
 
 async def test_handshake_deadline_closes_idle_and_trickling_clients(autojump_clock):
-    server = NBDServer(memory_export(), handshake_timeout=10)
+    server = NBDServer(disk(4 * MiB), handshake_timeout=10)
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
-            idle = await rig.connect(negotiate=False)
-            trickler = await rig.connect(negotiate=False)
-            huge = await rig.connect(negotiate=False)
+        async with serving(server) as rig:
+            idle = await rig.client(negotiate=False)
+            trickler = await rig.client(negotiate=False)
+            huge = await rig.client(negotiate=False)
             start = trio.current_time()
 
             async def trickle(stream: trio.abc.Stream, data: bytes) -> None:
@@ -159,10 +157,10 @@ async def test_handshake_deadline_closes_idle_and_trickling_clients(autojump_clo
 
 
 async def test_option_flood_ends_after_max_options():
-    server = NBDServer(memory_export())
+    server = NBDServer(disk(4 * MiB))
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
-            client = await rig.connect(negotiate=False)
+        async with serving(server) as rig:
+            client = await rig.client(negotiate=False)
             await client.stream.send_all(
                 CLIENT_FLAGS + encode_option(Option.LIST) * (MAX_OPTIONS + 100))
             said = await until_closed(client.stream)
@@ -172,7 +170,7 @@ async def test_option_flood_ends_after_max_options():
 
 
 def test_negotiator_answers_one_option_per_step():
-    neg = ServerNegotiator({"": memory_export().offer()}, step_options=True)
+    neg = ServerNegotiator({"": disk(4 * MiB).offer()}, step_options=True)
     neg.receive_data(CLIENT_FLAGS + encode_option(Option.LIST) * 3)
     neg.data_to_send()  # the greeting
     for _ in range(3):
@@ -186,13 +184,13 @@ def test_negotiator_answers_one_option_per_step():
 
 
 async def test_connections_over_the_limit_are_closed_at_once(caplog):
-    server = NBDServer(memory_export(), max_connections=2)
+    server = NBDServer(disk(4 * MiB), max_connections=2)
     with trio.fail_after(30), caplog.at_level(logging.WARNING, "blockdrv.server"):
-        async with rig_for(server) as rig:
-            first = await rig.connect()
-            await rig.connect(negotiate=False)  # still in its handshake: counts too
+        async with serving(server) as rig:
+            first = await rig.client()
+            await rig.client(negotiate=False)  # still in its handshake: counts too
             for _ in range(3):
-                extra = await rig.connect(negotiate=False)
+                extra = await rig.client(negotiate=False)
                 assert await until_closed(extra.stream) == b""  # not even a greeting
             assert server.statistics().connections_refused == 3
             limit_logs = [r for r in caplog.records if "connection limit" in r.getMessage()]
@@ -230,7 +228,7 @@ class FakeListener(trio.abc.Listener[trio.abc.Stream]):
 
 async def test_accept_out_of_file_descriptors_backs_off_and_logs_once(autojump_clock,
                                                                        caplog):
-    server = NBDServer(memory_export())
+    server = NBDServer(disk(4 * MiB))
     listener = FakeListener(failures=30)
     with trio.fail_after(3600), caplog.at_level(logging.WARNING, "blockdrv.server"):
         async with trio.open_nursery() as nursery:
@@ -252,7 +250,7 @@ async def test_accept_out_of_file_descriptors_backs_off_and_logs_once(autojump_c
 
 
 async def test_shutdown_gives_up_on_a_client_that_reads_no_replies(autojump_clock):
-    server = NBDServer(memory_export(max_payload=MiB), shutdown_timeout=3)
+    server = NBDServer(disk(4 * MiB, max_payload=MiB), shutdown_timeout=3)
     listener = FakeListener()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

@@ -32,8 +32,7 @@ from blockdrv.protocol.options import (
     encode_option,
 )
 from blockdrv.server import Export, MemoryBackend, NBDServer
-
-MiB = 1024 * 1024
+from blockdrv.units import MiB
 
 u32 = st.integers(0, 0xFFFFFFFF)
 edge_offsets = st.sampled_from([0, 1, 511, 512, 4096, MiB - 512, MiB, MiB + 1, 1 << 32,

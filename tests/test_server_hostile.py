@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from support.inprocess import disk, serving
 from support.raw import (
     CLIENT_FLAGS,
     GREETING_SIZE,
@@ -15,7 +16,6 @@ from support.raw import (
     info_type,
     request,
 )
-from support.server_rig import rig_for
 from support.streams import WrappedStream
 
 from blockdrv.protocol import Command, CommandFlag
@@ -28,13 +28,8 @@ from blockdrv.protocol.options import (
     encode_option,
 )
 from blockdrv.protocol.wire import decode_block_status, decode_error, decode_hole
-from blockdrv.server import Export, MemoryBackend, NBDServer
-
-MiB = 1024 * 1024
-
-
-def memory_export(**kw) -> Export:
-    return Export("", MemoryBackend(4 * MiB), **kw)
+from blockdrv.server import Export, NBDServer
+from blockdrv.units import MiB
 
 
 class Sink(trio.abc.Stream):
@@ -103,7 +98,7 @@ async def flood_through(export: Export, said: bytes) -> RawClient:
     server = NBDServer(export)
     sink = Sink(said)
     with trio.fail_after(120):
-        async with rig_for(server) as rig:
+        async with serving(server) as rig:
             async with trio.open_nursery() as others:
                 others.start_soon(sink.others_run)
                 await server.handle_stream(sink)  # returns once the client has gone
@@ -111,7 +106,7 @@ async def flood_through(export: Export, said: bytes) -> RawClient:
             assert sink.gone.is_set() and not sink.starved
             assert server.statistics().connections == 0
             export.faults.clear()
-            client = await rig.connect()  # a fresh client is served
+            client = await rig.client()  # a fresh client is served
             assert await client.pread(512, 0) == bytes(512)
     assert export.faults.injected["flood"] == 1
     return sink.kept_stream()
@@ -127,7 +122,7 @@ LIST_META = encode_option(Option.LIST_META_CONTEXT, encode_meta_context_request(
     (Option.GO, GO), (Option.INFO, INFO), (Option.LIST, encode_option(Option.LIST)),
 ])
 async def test_flood_of_info_and_server_replies(option, said):
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.flood(commands=())
     raw = await flood_through(export, CLIENT_FLAGS + said)
     await raw.take(GREETING_SIZE)
@@ -152,7 +147,7 @@ async def test_flood_of_info_and_server_replies(option, said):
     (Option.SET_META_CONTEXT, SET), (Option.LIST_META_CONTEXT, LIST_META),
 ])
 async def test_flood_of_meta_contexts(option, said):
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.flood(option, commands=())
     raw = await flood_through(export, CLIENT_FLAGS + encode_option(Option.STRUCTURED_REPLY)
                               + said)
@@ -174,7 +169,7 @@ async def test_flood_of_meta_contexts(option, said):
 
 @pytest.mark.parametrize("command", [Command.READ, Command.BLOCK_STATUS])
 async def test_flood_of_chunks(command):
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.flood(options=())
     raw = await flood_through(export, handshake_to_go() + request(command, 0, 65536,
                                                                   cookie=7))
@@ -192,11 +187,11 @@ async def test_flood_of_chunks(command):
 
 
 async def test_flood_on_a_schedule_until_the_client_goes_away():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.flood(options=(), every=3)  # every 3rd READ or BLOCK_STATUS
     server = NBDServer(export)
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
+        async with serving(server) as rig:
             raw = await rig.raw(lockstep=True)  # the server waits for the reader
             await raw.take(GREETING_SIZE)
             await raw.send(handshake_to_go())
@@ -221,12 +216,12 @@ async def test_flood_on_a_schedule_until_the_client_goes_away():
 
 
 async def test_tiny_chunks_cover_the_read_in_random_order():
-    export = memory_export()
+    export = disk(4 * MiB)
     server = NBDServer(export, seed=5)
     data = bytes(range(256)) * 16
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
-            writer = await rig.connect()
+        async with serving(server) as rig:
+            writer = await rig.client()
             await writer.pwrite(data, 65536 - 2048)  # data, and holes around it
             raw = await rig.raw()
             connection = rig.connection_of[id(raw)]
@@ -258,11 +253,11 @@ async def test_tiny_chunks_cover_the_read_in_random_order():
 
 
 async def test_tiny_chunks_leave_df_reads_whole():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.tiny_chunks(8)
     server = NBDServer(export)
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
+        async with serving(server) as rig:
             raw = await rig.raw()
             await raw.send(handshake_to_go() + request(
                 Command.READ, 0, 4096, cookie=3, flags=CommandFlag.DF))
@@ -276,11 +271,11 @@ async def test_tiny_chunks_leave_df_reads_whole():
 
 
 async def test_set_meta_context_offers_a_context_not_asked_for():
-    export = memory_export()
+    export = disk(4 * MiB)
     export.faults.unrequested_context()
     server = NBDServer(export)
     with trio.fail_after(60):
-        async with rig_for(server) as rig:
+        async with serving(server) as rig:
             raw = await rig.raw()
             await raw.send(CLIENT_FLAGS + encode_option(Option.STRUCTURED_REPLY) + SET
                            + LIST_META)
@@ -311,11 +306,11 @@ class PieceCounter(WrappedStream):
 
 
 async def test_slowloris_trickles_option_and_request_replies(autojump_clock):
-    export = memory_export()
+    export = disk(4 * MiB)
     server = NBDServer(export, seed=1)
     with trio.fail_after(600):
-        async with rig_for(server) as rig:
-            writer = await rig.connect()
+        async with serving(server) as rig:
+            writer = await rig.client()
             await writer.pwrite(b"s" * 512, 0)
             export.faults.slowloris(max_piece=5, delay=0.5)
             counted: PieceCounter | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -14,14 +13,14 @@ import sys
 import pytest
 from support.client import BlockingClient
 from support.libnbd import run_libnbd
-from support.peers import EmbeddedServer, sparse_image
+from support.peers import EmbeddedServer, nbdinfo_json, sparse_image
 
 from blockdrv.fuzz.servers import ActivatedServer
 from blockdrv.protocol import Command
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 
 
 def sha256(path) -> str:
@@ -48,11 +47,6 @@ def served(request, tmp_path):
     with EmbeddedServer(tmp_path, *args) as server:
         yield server
 
-
-def nbdinfo_json(uri: str) -> dict:
-    out = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    return json.loads(out)
 
 
 def test_nbdinfo_sees_what_is_advertised(tmp_path):

@@ -17,10 +17,10 @@ from support.peers import EmbeddedServer, Nbdkit
 
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, sync
 from blockdrv.protocol.errors import UnsupportedError
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 BLOCK = 65536
 
 

@@ -26,8 +26,8 @@ from blockdrv.protocol.constants import OPTION_REPLY_MAGIC, Option, OptionReply
 from blockdrv.protocol.options import encode_option
 from blockdrv.server import Export, MemoryBackend
 from blockdrv.tls import TLSError, TLSMode, TLSSettings, client_context, server_context
+from blockdrv.units import MiB
 
-MiB = 1024 * 1024
 URI = "nbds+unix:///?socket=/in-process"
 PLAIN_URI = "nbd+unix:///?socket=/in-process"
 

@@ -36,8 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..protocol.errors import InvalidArgumentError
-
-MiB = 1024 * 1024
+from ..units import MiB
 
 NETWORK_FAULTS = ("kill", "cut", "reset", "stall", "delay", "malformed")
 HOSTILE_FAULTS = ("duplicate", "flood", "tiny-chunks", "unrequested-context", "slowloris")

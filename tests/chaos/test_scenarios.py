@@ -15,18 +15,17 @@ import random
 import pytest
 import trio
 from support.outcomes import outcome
-from support.peers import file_server, sparse_image
+from support.peers import SERVER_KINDS, file_server, sparse_image
 from support.proxy import proxied
 
 from blockdrv import NBDError, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import OP_KINDS, FuzzConfig, FuzzRun
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
-SERVERS = ["embedded", "nbdkit", "qemu-nbd"]
 
 
 def disk_server(kind, tmp_path):
@@ -36,7 +35,7 @@ def disk_server(kind, tmp_path):
     return file_server(kind, tmp_path / "srv", image)
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 @pytest.mark.parametrize("direction", [TO_SERVER, TO_CLIENT])
 async def test_iotest_083_disconnect_at_every_phase(kind, direction, tmp_path):
     """Cut the connection at every byte of the handshake and of the first request:
@@ -65,7 +64,7 @@ async def test_iotest_083_disconnect_at_every_phase(kind, direction, tmp_path):
             assert outcomes["error"] > 0 and outcomes["ok"] > 0
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_iotest_264_restart_during_io(kind, tmp_path):
     rng = random.Random(264)
     shadow = bytearray(8 * MiB)
@@ -96,7 +95,7 @@ async def test_iotest_264_restart_during_io(kind, tmp_path):
                 assert dev.statistics().reconnects >= 1
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_iotest_277_write_resent_after_drop(kind, tmp_path):
     data = os.urandom(3 * MiB)
     with trio.fail_after(120):
@@ -116,7 +115,7 @@ async def test_iotest_277_write_resent_after_drop(kind, tmp_path):
                 assert await dev.pread(3 * MiB, 5 * MiB) == data
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_reconnect_on_open(kind, tmp_path):
     server = disk_server(kind, tmp_path)
     with trio.fail_after(60):
@@ -134,7 +133,7 @@ async def test_reconnect_on_open(kind, tmp_path):
                     assert dev.statistics().connect_attempts >= 3
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_drain_during_an_outage_ends_within_the_delay(kind, tmp_path):
     with trio.fail_after(60):
         async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
@@ -159,7 +158,7 @@ async def test_drain_during_an_outage_ends_within_the_delay(kind, tmp_path):
                 assert outcomes == ["failed"] * 6  # failed by the delay, not the drain
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_filter_insertion_during_an_outage(kind, tmp_path):
     with trio.fail_after(60):
         async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
@@ -187,7 +186,7 @@ async def test_filter_insertion_during_an_outage(kind, tmp_path):
                 assert len(trace.records) == 1  # the new path
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_more_requests_than_max_in_flight_when_the_server_dies(kind, tmp_path):
     with trio.fail_after(60):
         async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
@@ -213,7 +212,7 @@ async def test_more_requests_than_max_in_flight_when_the_server_dies(kind, tmp_p
                 assert sorted(done) == list(range(32))
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
     with trio.fail_after(60):
         async with proxied(disk_server(kind, tmp_path), tmp_path) as (server, proxy, address):
@@ -244,9 +243,9 @@ async def test_cancel_in_flight_during_a_drain(kind, tmp_path):
                 assert outcomes == ["failed"] * 4
 
 
-@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_short_fuzz_run(kind):
-    config = FuzzConfig(server=kind, seed=SERVERS.index(kind) + 100, duration=8,
+    config = FuzzConfig(server=kind, seed=SERVER_KINDS.index(kind) + 100, duration=8,
                         size=16 * MiB, fault_interval=0.5)
     with trio.fail_after(300):  # far more than the 8 s run
         result = await FuzzRun(config).run()
