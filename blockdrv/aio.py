@@ -123,8 +123,11 @@ class _Call(Generic[T]):
         """(asyncio) Wait for the outcome; on cancellation call ``abandon`` (which
         cancels the trio side), wait for the trio side to end, then raise."""
         try:
-            result = await asyncio.shield(self.future)
+            result = await self.future  # (no shield: it costs a future per request)
         except asyncio.CancelledError:
+            if not self.future.cancelled():
+                raise  # settled meanwhile: nothing runs in trio any more
+            self.future = self.future.get_loop().create_future()  # settle() uses this one
             try:
                 abandon()
             except ConnectionLostError:
