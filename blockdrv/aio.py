@@ -155,47 +155,74 @@ class _AioCalls:
         raise NotImplementedError
 
     async def pread(self, count: int, offset: int) -> bytes:
-        """Read ``count`` bytes at ``offset``."""
+        """Read ``count`` bytes at ``offset``.
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         return await self._call(lambda node: node.pread(count, offset))
 
     async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
                          holes: list[tuple[int, int]] | None = None) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (written only until this
-        returns, cancelled or not); ``holes`` as in :meth:`blockdrv.NBDDevice.pread_into`."""
+        returns, cancelled or not); ``holes`` as in :meth:`blockdrv.NBDDevice.pread_into`.
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.pread_into(buf, offset, holes=holes))
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
-        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
+        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns.
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.pwrite(buf, offset, fua=fua))
 
     async def zero(self, count: int, offset: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        """Write zeroes (WRITE_ZEROES)."""
+        """Write zeroes (WRITE_ZEROES).
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.zero(count, offset, may_trim=may_trim,
                                                 fast=fast, fua=fua))
 
     async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
-        """Discard a range (TRIM)."""
+        """Discard a range (TRIM).
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.trim(count, offset, fua=fua))
 
     async def flush(self) -> None:
-        """Make every completed write durable (FLUSH)."""
+        """Make every completed write durable (FLUSH).
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.flush())
 
     async def cache(self, count: int, offset: int) -> None:
-        """Ask the server to prefetch a range (CACHE)."""
+        """Ask the server to prefetch a range (CACHE).
+
+        Raises: as :meth:`blockdrv.NBDDevice.pread`.
+        """
         await self._call(lambda node: node.cache(count, offset))
 
     async def block_status_all(self, count: int, offset: int) -> BlockStatus:
         """Every negotiated context's extents over the range, by context name (see
-        :meth:`blockdrv.NBDDevice.block_status_all`)."""
+        :meth:`blockdrv.NBDDevice.block_status_all`).
+
+        Raises: as :meth:`blockdrv.NBDDevice.block_status_all`.
+        """
         return await self._call(lambda node: node.block_status_all(count, offset))
 
     async def block_status(self, count: int, offset: int, *,
                            context: str | None = None) -> list[Extent]:
         """Extents of one ``context`` (None: the only one negotiated); see
-        :meth:`blockdrv.NBDDevice.block_status`."""
+        :meth:`blockdrv.NBDDevice.block_status`.
+
+        Raises: as :meth:`blockdrv.NBDDevice.block_status`.
+        """
         return await self._call(lambda node: node.block_status(count, offset,
                                                                context=context))
 
@@ -306,7 +333,10 @@ class AioDevice(_AioCalls, LoopDeviceView):
         self._live().run_sync_soon(self.device.cancel_in_flight)
 
     async def wait_connected(self) -> None:
-        """Wait until the device is connected again."""
+        """Wait until the device is connected again.
+
+        Raises: as :meth:`blockdrv.NBDDevice.wait_connected`.
+        """
         await self._call(lambda node: node.wait_connected())
 
     async def extents(self, offset: int = 0, length: int | None = None, *,

@@ -91,3 +91,22 @@ def test_list_exports_tls_spelling(tmp_path):
             await list_exports(uri, tls="require", ca=str(tmp_path / "nowhere.pem"))
 
     trio.run(main)
+
+
+def test_public_async_calls_state_what_they_raise():
+    from blockdrv import MultiConnDevice, NBDDevice
+    from blockdrv.aio import AioDevice, AioDrainedSection
+    from blockdrv.node import DrainedSection
+
+    silent = []
+    for cls in (NBDDevice, MultiConnDevice, DrainedSection, AioDevice, AioDrainedSection):
+        for name, member in inspect.getmembers(cls):
+            if not name.startswith("_") and (inspect.iscoroutinefunction(member)
+                                             or inspect.isasyncgenfunction(member)):
+                if "Raises" not in (inspect.getdoc(member) or ""):
+                    silent.append(f"{cls.__name__}.{name}")
+    for function in (blockdrv.open_nbd, aio.open_nbd, sync.open_nbd, list_exports,
+                     list_meta_contexts):
+        if "Raises" not in (inspect.getdoc(function) or ""):
+            silent.append(function.__qualname__)
+    assert silent == []
