@@ -121,8 +121,11 @@ def result_of(pattern: str, request_size: int, depth: int, latencies: list[float
 class Target(Protocol):
     """What a load needs of a device (a trio BlockNode, or an asyncio AioDevice)."""
 
-    async def pread_into(self, buf: bytearray, offset: int) -> None: ...
-    async def pwrite(self, buf: bytes, offset: int) -> None: ...
+    async def pread_into(self, buf: bytearray, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+
+    async def pwrite(self, buf: bytes, offset: int) -> None:
+        """Write ``buf`` at ``offset``."""
 
 
 @dataclass

@@ -109,6 +109,7 @@ class BlockRange:
 
     @property
     def end(self) -> int:
+        """The offset just past the range."""
         return self.offset + self.length
 
 
