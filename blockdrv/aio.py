@@ -305,8 +305,13 @@ class AioDevice(_AioCalls, LoopDeviceView):
 
     async def _submit(self, fn: Callable[[Any], Awaitable[T]] | None,
                       send: Callable[[DeviceLoop, _Call[T]], None]) -> T:
-        """Hand ``fn`` to the loop with ``send`` and wait for its outcome."""
-        runner = self._live()
+        """Hand ``fn`` to the loop with ``send`` and wait for its outcome (always a
+        checkpoint: a call on a closed device yields once before it raises)."""
+        try:
+            runner = self._live()
+        except ConnectionLostError:
+            await asyncio.sleep(0)
+            raise
         call: _Call[T] = _Call(asyncio.get_running_loop(), fn)
         self._pending.add(call)
         try:

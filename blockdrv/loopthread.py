@@ -159,6 +159,16 @@ class LoopDeviceView:
         """The connection state (see :class:`blockdrv.State`)."""
         return self.device.state
 
+    @property
+    def connections_note(self) -> str:
+        """Why fewer connections are used than were asked for ("" when not)."""
+        return self.device.connections_note
+
+    @property
+    def draining(self) -> bool:
+        """A drained section of the device is active (new requests wait)."""
+        return self.device.draining
+
     def __repr__(self) -> str:
         device = None if self._device_loop is None else self._device_loop.device
         return f"<{type(self).__name__} {device!r}>"

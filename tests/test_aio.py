@@ -231,9 +231,17 @@ def test_closing_with_requests_in_flight(tmp_path):
         # Closing waited for every request in flight; none was lost or left hanging.
         assert all(r == data or isinstance(r, ConnectionLostError) for r in results)
         assert results[0] == data
+        ran: list[str] = []
+
+        async def mark() -> None:
+            ran.append("ran")
+
+        other = asyncio.create_task(mark())
         with pytest.raises(ConnectionLostError) as closed:
             await dev.pread(BLOCK, 0)
         assert closed.value.errno == errno.EBADF
+        assert ran == ["ran"]  # even failing at once, the call was a checkpoint
+        await other
     run(main)
 
 
@@ -243,13 +251,13 @@ def test_drained_section_and_extents(tmp_path):
             async with aio.open_nbd(peer.uri()) as dev:
                 await dev.pwrite(b"x" * BLOCK, BLOCK)
                 async with dev.drained() as io:
-                    assert dev.device.draining
+                    assert dev.draining
                     assert await io.pread(BLOCK, BLOCK) == b"x" * BLOCK
                     await io.pwrite(b"y" * BLOCK, 0)
                     outsider = asyncio.create_task(dev.pread(BLOCK, 0))
                     await asyncio.sleep(0)
                     assert not outsider.done()  # waits at the gate
-                assert not dev.device.draining
+                assert not dev.draining
                 assert await outsider == b"y" * BLOCK
                 ranges = [r async for r in dev.extents()]
                 assert ranges[0].offset == 0 and not ranges[0].hole
