@@ -13,6 +13,8 @@ from .nbd import (
     State,
     open_nbd,
 )
+from .node import BlockRange
+from .protocol.constants import StateFlag
 from .protocol.errors import (
     ConnectError,
     ConnectionLostError,
@@ -40,6 +42,8 @@ __all__ = [
     "MultiConnDevice",
     "NBDDevice",
     "State",
+    "StateFlag",
+    "BlockRange",
     "open_nbd",
     "ExportEntry",
     "ExportInfo",

@@ -22,7 +22,7 @@ import resource
 import time
 from dataclasses import dataclass, field, fields
 from itertools import count as counter
-from typing import Any
+from typing import Any, Callable, Iterator, Protocol
 
 import trio
 
@@ -82,11 +82,10 @@ class BenchResult:
         return out
 
 
-async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int = 4096,
-                    depth: int = 1, count: int | None = None,
-                    duration: float | None = None, span: int | None = None,
-                    start: int = 0, drains: int = 0) -> BenchResult:
-    """Run ``count`` requests (or for ``duration`` seconds) and measure them."""
+def check_bench(size: int, *, pattern: str, request_size: int, depth: int,
+                count: int | None, duration: float | None, span: int | None) -> int:
+    """ValueError for a run that cannot be made on an export of ``size`` bytes; the
+    span the requests cycle over (whole requests)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}")
     if request_size <= 0 or depth <= 0:
@@ -95,38 +94,99 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
         raise ValueError("give a count or a duration")
     if duration is not None and duration <= 0:
         raise ValueError("the duration must be positive")
-    if span is not None and span > node.size:
-        raise ValueError(f"span {span} is larger than the export ({node.size} bytes)")
-    span = span or node.size
+    if span is not None and span > size:
+        raise ValueError(f"span {span} is larger than the export ({size} bytes)")
+    span = span or size
     span -= span % request_size
     if span < request_size:
-        raise ValueError(f"the export ({node.size} bytes) is smaller than one request")
-    numbers = counter()
-    payload = os.urandom(request_size)
-    latencies: list[float] = []
+        raise ValueError(f"the export ({size} bytes) is smaller than one request")
+    return span
+
+
+def is_read(pattern: str, i: int) -> bool:
+    """Whether request ``i`` of ``pattern`` is a read (mixed: every other one)."""
+    return pattern == "read" or (pattern == "mixed" and i % 2 == 0)
+
+
+def result_of(pattern: str, request_size: int, depth: int, latencies: list[float],
+              wall: float, cpu: float, drain_seconds: list[float] | None = None
+              ) -> BenchResult:
+    """The figures of a finished run."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ops = len(latencies)
+    return BenchResult(pattern, request_size, depth, ops, ops * request_size, wall, cpu, rss,
+                       latencies, drain_seconds or [])
+
+
+class Target(Protocol):
+    """What a load needs of a device (a trio BlockNode, or an asyncio AioDevice)."""
+
+    async def pread_into(self, buf: bytearray, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+
+    async def pwrite(self, buf: bytes, offset: int) -> None:
+        """Write ``buf`` at ``offset``."""
+
+
+@dataclass
+class Load:
+    """The requests of one run, shared by its ``depth`` workers: request ``i`` is the
+    next number, its offset and kind follow from it (see the module doc)."""
+
+    node: Target
+    pattern: str
+    request_size: int
+    span: int
+    start: int
+    count: int | None
+    deadline: float | None
+    clock: Callable[[], float]
+    payload: bytes
+    numbers: Iterator[int] = field(default_factory=counter)
+    latencies: list[float] = field(default_factory=list)
+
+    async def worker(self, completed: Callable[[], None] | None = None) -> None:
+        """Take requests one after the other until the count or the deadline."""
+        buf = bytearray(self.request_size)
+        clock, count, deadline = self.clock, self.count, self.deadline
+        for i in self.numbers:
+            if (count is not None and i >= count) or (deadline is not None
+                                                      and clock() >= deadline):
+                return
+            offset = (self.start + i * self.request_size) % self.span
+            began = clock()
+            if is_read(self.pattern, i):
+                await self.node.pread_into(buf, offset)
+            else:
+                await self.node.pwrite(self.payload, offset)
+            self.latencies.append(clock() - began)
+            if completed is not None:
+                completed()
+
+
+async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int = 4096,
+                    depth: int = 1, count: int | None = None,
+                    duration: float | None = None, span: int | None = None,
+                    start: int = 0, drains: int = 0) -> BenchResult:
+    """Run ``count`` requests (or for ``duration`` seconds) and measure them."""
+    span = check_bench(node.size, pattern=pattern, request_size=request_size, depth=depth,
+                       count=count, duration=duration, span=span)
     deadline = None if duration is None else trio.current_time() + duration
     drain_seconds: list[float] = []
     refilled = trio.Event()  # set once 2 * depth requests completed since the last drain
     since_drain = 0
 
-    async def worker() -> None:
+    load = Load(node, pattern, request_size, span, start, count, deadline,
+                trio.current_time, os.urandom(request_size))
+
+    def completed() -> None:
         nonlocal since_drain
-        buf = bytearray(request_size)
-        clock = trio.current_time
-        for i in numbers:
-            if (count is not None and i >= count) or (deadline is not None
-                                                      and clock() >= deadline):
-                return
-            offset = (start + i * request_size) % span
-            began = clock()
-            if pattern == "read" or (pattern == "mixed" and i % 2 == 0):
-                await node.pread_into(buf, offset)
-            else:
-                await node.pwrite(payload, offset)
-            latencies.append(clock() - began)
-            since_drain += 1
-            if since_drain >= 2 * depth:
-                refilled.set()
+        since_drain += 1
+        if since_drain >= 2 * depth:
+            refilled.set()
+
+    async def worker() -> None:
+        await load.worker(completed)
 
     async def drainer() -> None:
         nonlocal refilled, since_drain
@@ -149,7 +209,4 @@ async def run_bench(node: BlockNode, *, pattern: str = "read", request_size: int
     except BaseExceptionGroup as group:
         raise first_failure(group) from None  # a failed request, as itself
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ops = len(latencies)
-    return BenchResult(pattern, request_size, depth, ops, ops * request_size, wall, cpu, rss,
-                       latencies, drain_seconds)
+    return result_of(pattern, request_size, depth, load.latencies, wall, cpu, drain_seconds)

@@ -308,12 +308,15 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
 @click.option("--drains", type=click.IntRange(0), default=0,
               help="Enter this many drained sections during the run and report how long "
                    "each took to quiesce the requests in flight.")
+@click.option("--api", type=click.Choice(["trio", "asyncio"]), default="trio",
+              show_default=True,
+              help="Drive the requests through the trio API or blockdrv.aio (asyncio).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @client_options
 @one_line_errors
 def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float,
           count: int | None, span: int | None, socket_buffer: int | None, drains: int,
-          as_json: bool, options: ClientOptions) -> None:
+          api: str, as_json: bool, options: ClientOptions) -> None:
     """A quick fio-like run: IOPS, MiB/s and latency percentiles.
 
     Requests are sequential (wrapping at the end of the export or of --span).  The
@@ -333,7 +336,25 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
                                      drains=drains)
         return result.summary()
 
-    summary = run(bench_run)
+    async def bench_run_asyncio() -> dict[str, Any]:
+        from .aio import open_nbd as open_aio
+        from .benchmark_aio import run_bench_aio
+
+        async with open_aio(uri, **options.open_kwargs(), max_in_flight=max(depth, 16),
+                            socket_buffer_size=socket_buffer) as dev:
+            result = await run_bench_aio(dev, pattern=pattern, request_size=request_size,
+                                         depth=depth, count=count,
+                                         duration=None if count else duration, span=span)
+        return result.summary()
+
+    if api == "asyncio":
+        if drains:
+            raise click.UsageError("--drains is for --api trio only")
+        import asyncio
+
+        summary = asyncio.run(bench_run_asyncio())
+    else:
+        summary = run(bench_run)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -109,6 +109,7 @@ class BlockRange:
 
     @property
     def end(self) -> int:
+        """The offset just past the range."""
         return self.offset + self.length
 
 
@@ -220,7 +221,10 @@ class BlockNode(abc.ABC):
         return bool(self._drains.value)
 
     async def wait_draining(self) -> None:
-        """Wait until a drained section of this node is active."""
+        """Wait until a drained section of this node is active.
+
+        Raises: nothing (cancellation only).
+        """
         await self._drains.wait_value(lambda drains: drains > 0)
 
     @property
@@ -241,7 +245,17 @@ class BlockNode(abc.ABC):
             self.in_flight.value -= 1
 
     async def pread(self, count: int, offset: int) -> bytes:
-        """Read ``count`` bytes at ``offset``."""
+        """Read ``count`` bytes at ``offset``.
+
+        Raises:
+            InvalidArgumentError: a bad range or buffer, or flags the export refuses.
+            UnsupportedError: the export does not offer the command.
+            RequestError: the server answered with an error (its errno).
+            ConnectionLostError: the connection was lost and not back within
+                ``reconnect_delay`` (EBADF: the device is closed).
+            ProtocolError: the server broke the protocol (the device is dead).
+            DeadlockError: called from inside the node's own drained section.
+        """
         if count < 0 or offset < 0 or offset + count > self.size:
             raise InvalidArgumentError(
                 f"read of {count} bytes at {offset} is outside the export ({self.size})")
@@ -261,6 +275,8 @@ class BlockNode(abc.ABC):
 
         ``holes``: a list to which the (offset, length) of every range that came as a
         hole (zeroes without data, e.g. an NBD OFFSET_HOLE chunk) is appended.
+
+        Raises: as :meth:`pread`.
         """
         if self._drains.value:
             await self._gate()
@@ -280,7 +296,10 @@ class BlockNode(abc.ABC):
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
-        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
+        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns.
+
+        Raises: as :meth:`pread`.
+        """
         if self._drains.value:
             await self._gate()
         in_flight = self.in_flight
@@ -296,22 +315,34 @@ class BlockNode(abc.ABC):
 
     async def zero(self, count: int, offset: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        """Write zeroes (``may_trim=False``: keep allocated; ``fast``: only if cheap)."""
+        """Write zeroes (``may_trim=False``: keep allocated; ``fast``: only if cheap).
+
+        Raises: as :meth:`pread`.
+        """
         async with self._entry() as route:
             await route.zero(count, offset, may_trim=may_trim, fast=fast, fua=fua)
 
     async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
-        """Discard a range (its contents become unspecified)."""
+        """Discard a range (its contents become unspecified).
+
+        Raises: as :meth:`pread`.
+        """
         async with self._entry() as route:
             await route.trim(count, offset, fua=fua)
 
     async def flush(self) -> None:
-        """Make every completed write durable."""
+        """Make every completed write durable.
+
+        Raises: as :meth:`pread`.
+        """
         async with self._entry() as route:
             await route.flush()
 
     async def cache(self, count: int, offset: int) -> None:
-        """Prefetch a range."""
+        """Prefetch a range.
+
+        Raises: as :meth:`pread`.
+        """
         async with self._entry() as route:
             await route.cache(count, offset)
 
@@ -441,7 +472,10 @@ class _Calls:
         raise NotImplementedError
 
     async def pread(self, count: int, offset: int) -> bytes:
-        """Read ``count`` bytes at ``offset``."""
+        """Read ``count`` bytes at ``offset``.
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         buf = bytearray(count)
         await self.pread_into(buf, offset)
         return bytes(buf)
@@ -449,38 +483,62 @@ class _Calls:
     async def pread_into(self, buf: bytearray | memoryview, offset: int, *,
                          holes: list[tuple[int, int]] | None = None) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (``holes``: see
-        :meth:`BlockNode.pread_into`)."""
+        :meth:`BlockNode.pread_into`).
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         await self._call("pread_into", buf, offset, holes=holes)
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
-        """Write ``buf`` at ``offset``."""
+        """Write ``buf`` at ``offset``.
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         await self._call("pwrite", buf, offset, fua=fua)
 
     async def zero(self, count: int, offset: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:
-        """Write zeroes."""
+        """Write zeroes.
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         await self._call("zero", count, offset, may_trim=may_trim, fast=fast, fua=fua)
 
     async def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
-        """Discard a range."""
+        """Discard a range.
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         await self._call("trim", count, offset, fua=fua)
 
     async def flush(self) -> None:
-        """Make every completed write durable."""
+        """Make every completed write durable.
+
+        Raises: as :meth:`pread`.
+        """
         await self._call("flush")
 
     async def cache(self, count: int, offset: int) -> None:
-        """Prefetch a range."""
+        """Prefetch a range.
+
+        Raises: as :meth:`pread`.
+        """
         await self._call("cache", count, offset)
 
     async def block_status_all(self, count: int, offset: int) -> BlockStatus:
-        """Every negotiated context's extents covering the range."""
+        """Every negotiated context's extents covering the range.
+
+        Raises: as :meth:`BlockNode.block_status_all`.
+        """
         return await self._call("block_status_all", count, offset)  # type: ignore[no-any-return]
 
     async def block_status(self, count: int, offset: int, *,
                            context: str | None = None) -> list[Extent]:
-        """Extents of one context (see :meth:`BlockNode.block_status`)."""
+        """Extents of one context (see :meth:`BlockNode.block_status`).
+
+        Raises: as :meth:`BlockNode.block_status`.
+        """
         name = self.pick_context(context)
         return (await self.block_status_all(count, offset))[name]
 

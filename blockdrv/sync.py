@@ -16,7 +16,6 @@ After :meth:`close` (or if the loop has ended) every call raises
 
 from __future__ import annotations
 
-import errno
 import threading
 from contextlib import contextmanager
 from types import TracebackType
@@ -25,69 +24,53 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import trio
 
 from . import nbd
-from .node import Extent
-from .protocol.constants import BASE_ALLOCATION
+from .loopthread import DeviceLoop, LoopDeviceView, closed_error
+from .mirror import parameters_of
+from .node import BlockStatus, Extent
 from .protocol.errors import ConnectionLostError
-from .protocol.export import ExportInfo
 from .protocol.uri import NBDAddress
-from .taskgroups import first_failure
 
 __all__ = ["SyncDevice", "open_nbd"]
 
 T = TypeVar("T")
 
 
+@parameters_of(nbd.open_nbd)
 def open_nbd(target: str | NBDAddress, **options: Any) -> SyncDevice:
     """Open an NBD export as a blocking :class:`SyncDevice`.
 
-    Takes the arguments of the async :func:`blockdrv.open_nbd` (``export``,
-    ``reconnect_delay``, ``connections``, ...) and raises what it raises.  Use it in a
-    ``with`` statement or call :meth:`SyncDevice.close`.
+    Takes exactly the arguments of the async :func:`blockdrv.open_nbd` (``export``,
+    ``reconnect_delay``, ``connections``, ...; type checkers see them) and raises what
+    it raises.  Use it in a ``with`` statement or call :meth:`SyncDevice.close`.
+
+    Raises:
+        InvalidArgumentError, ConnectError, OptionError, ProtocolError, TLSError: as
+            :func:`blockdrv.open_nbd` does, for the same reasons.
     """
     device = SyncDevice()
     device._start(target, options)
     return device
 
 
-class SyncDevice:
+class SyncDevice(LoopDeviceView):
     """A device whose methods block; safe to use from several threads at once."""
 
     def __init__(self) -> None:
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._device: nbd.Device | None = None
-        self._nursery: trio.Nursery | None = None
-        self._close: trio.Event | None = None
+        self._device_loop: DeviceLoop | None = None
         self._opened = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._ended = False
 
     # --- the loop thread ------------------------------------------------------------
 
     def _start(self, target: str | NBDAddress, options: dict[str, Any]) -> None:
-        self._thread = threading.Thread(target=trio.run, args=(self._main, target, options),
-                                        name="blockdrv-sync", daemon=True)
-        self._thread.start()
+        self._device_loop = loop = DeviceLoop(target, options, on_opened=self._opened.set,
+                                       on_ended=lambda: None, name="blockdrv-sync")
+        loop.start()
         self._opened.wait()
-        if self._error is not None:
-            self._thread.join()
-            error, self._error = self._error, None
-            raise error
-
-    async def _main(self, target: str | NBDAddress, options: dict[str, Any]) -> None:
-        try:
-            async with nbd.open_nbd(target, **options) as device:
-                async with trio.open_nursery() as nursery:
-                    self._token = trio.lowlevel.current_trio_token()
-                    self._device, self._nursery = device, nursery
-                    self._close = trio.Event()
-                    self._opened.set()
-                    await self._close.wait()
-                    nursery.cancel_scope.cancel()  # drained sections still held open
-        except Exception as exc:  # a task of ours failed: keep the failure itself
-            self._error = first_failure(exc) if isinstance(exc, ExceptionGroup) else exc
-        finally:
-            self._device = None
-            self._opened.set()
+        if loop.error is not None:
+            loop.join()
+            self._device_loop = None
+            raise loop.error
 
     def _run(self, afn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``afn`` in the loop and wait for its result."""
@@ -102,36 +85,23 @@ class SyncDevice:
                                                                      trio_token=token))
 
     def _in_loop(self, call: Callable[[trio.lowlevel.TrioToken], T]) -> T:
-        token = self._token
-        if token is None or self._device is None:
-            raise ConnectionLostError("the device is closed", errno=errno.EBADF)
+        loop = self._device_loop
+        if loop is None or loop.token is None or loop.device is None:
+            raise closed_error()
         try:
-            return call(token)
+            return call(loop.token)
         except (trio.RunFinishedError, trio.Cancelled):  # closed before or while it ran
-            raise ConnectionLostError("the device is closed", errno=errno.EBADF) from None
-
-    @property
-    def device(self) -> nbd.Device:
-        """The async device inside the loop (only to be used from that loop)."""
-        if self._device is None:
-            raise ConnectionLostError("the device is closed", errno=errno.EBADF)
-        return self._device
+            raise closed_error() from None
 
     def close(self) -> None:
         """Wait for the requests in flight, close the connection(s), stop the thread."""
-        if self._thread is None:
+        loop, self._device_loop = self._device_loop, None
+        if loop is None:
             return
-        thread, self._thread = self._thread, None
-        if self._token is not None and self._close is not None:
-            try:
-                trio.from_thread.run_sync(self._close.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        thread.join()
-        self._token = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        loop.request_close()
+        loop.join()
+        if loop.error is not None:
+            raise loop.error
 
     def __enter__(self) -> SyncDevice:
         return self
@@ -140,30 +110,7 @@ class SyncDevice:
                  traceback: TracebackType | None) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"<SyncDevice {self._device!r}>"
-
     # --- what the async device offers -----------------------------------------------
-
-    @property
-    def size(self) -> int:
-        """Export size in bytes."""
-        return self.device.size
-
-    @property
-    def info(self) -> ExportInfo:
-        """The export as negotiated."""
-        return self.device.info
-
-    @property
-    def connections(self) -> int:
-        """How many connections requests are spread over."""
-        return self.device.connections
-
-    @property
-    def state(self) -> nbd.State:
-        """The connection state (see :class:`blockdrv.State`)."""
-        return self.device.state
 
     def statistics(self) -> nbd.DeviceStatistics:
         """A snapshot of the device's figures."""
@@ -200,9 +147,14 @@ class SyncDevice:
         self._run(self.device.cache, count, offset)
 
     def block_status(self, count: int, offset: int, *,
-                     context: str = BASE_ALLOCATION) -> list[Extent]:
-        """Extents of ``context`` from ``offset`` (at least one, at most ``count`` bytes)."""
+                     context: str | None = None) -> list[Extent]:
+        """Extents of one ``context`` covering the range (None: the only one negotiated;
+        see :meth:`blockdrv.NBDDevice.block_status`)."""
         return self._run(self.device.block_status, count, offset, context=context)
+
+    def block_status_all(self, count: int, offset: int) -> BlockStatus:
+        """Every negotiated context's extents over the range, by context name."""
+        return self._run(self.device.block_status_all, count, offset)
 
     def cancel_in_flight(self) -> None:
         """Fail requests waiting for a reconnect now."""
@@ -225,8 +177,9 @@ class SyncDevice:
                 pass  # closed meanwhile: the section ended with the loop
 
     async def _enter_drained(self) -> trio.Event:
-        assert self._nursery is not None
-        return await self._nursery.start(self._hold_drained)  # type: ignore[no-any-return]
+        sections = None if self._device_loop is None else self._device_loop.sections
+        assert sections is not None
+        return await sections.start(self._hold_drained)  # type: ignore[no-any-return]
 
     async def _hold_drained(self, task_status: trio.TaskStatus[trio.Event]) -> None:
         release = trio.Event()

@@ -24,7 +24,7 @@ def test_ruff_is_clean():
 PUBLIC_MODULES = ["blockdrv", "blockdrv.sync", "blockdrv.tls", "blockdrv.tools", "blockdrv.nbd",
                   "blockdrv.block", "blockdrv.server", "blockdrv.protocol",
                   "blockdrv.benchmark", "blockdrv.nbd.query", "blockdrv.nbd.multiconn",
-                  "blockdrv.fuzz"]
+                  "blockdrv.fuzz", "blockdrv.aio"]
 
 
 def _undocumented() -> list[str]:

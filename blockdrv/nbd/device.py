@@ -210,7 +210,10 @@ class NBDDevice(BlockNode):
         return self._state.value  # type: ignore[no-any-return]
 
     async def wait_state(self, *states: State) -> State:
-        """Wait until the device is in one of ``states``; returns it."""
+        """Wait until the device is in one of ``states``; returns it.
+
+        Raises: nothing (cancellation only).
+        """
         return await self._state.wait_value(lambda s: s in states)  # type: ignore[no-any-return]
 
     def statistics(self) -> DeviceStatistics:
@@ -266,6 +269,8 @@ class NBDDevice(BlockNode):
 
         Not interrupted by cancellation (every step has its own time bound); calling it
         again waits for the first call to finish.
+
+        Raises: nothing (not even cancellation).
         """
         if self._closing:
             await self._closed.wait()
@@ -656,7 +661,10 @@ class NBDDevice(BlockNode):
         return [(offset + pos, min(limit, count - pos)) for pos in range(0, count, limit)]
 
     async def pread(self, count: int, offset: int) -> bytes:
-        """Read ``count`` bytes at ``offset``."""
+        """Read ``count`` bytes at ``offset``.
+
+        Raises: as :meth:`BlockNode.pread`.
+        """
         self._pieces(Command.READ, offset, count)  # check before allocating
         return await super().pread(count, offset)
 

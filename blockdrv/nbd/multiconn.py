@@ -95,7 +95,10 @@ class MultiConnDevice(BlockNode):
         return _worst(member.state for member in self.members)
 
     async def wait_state(self, *states: State) -> State:
-        """Wait until :attr:`state` is one of ``states``; returns it."""
+        """Wait until :attr:`state` is one of ``states``; returns it.
+
+        Raises: nothing (cancellation only).
+        """
         with compose_values(_transform_=_worst, **{f"m{i}": member._state for i, member
                                                    in enumerate(self.members)}) as worst:
             return await worst.wait_value(lambda state: state in states)  # type: ignore[no-any-return]
@@ -120,12 +123,18 @@ class MultiConnDevice(BlockNode):
             member.cancel_in_flight()
 
     async def wait_connected(self) -> None:
-        """Wait until every connection is connected again."""
+        """Wait until every connection is connected again.
+
+        Raises: as :meth:`NBDDevice.wait_connected`.
+        """
         for member in self.members:
             await member.wait_connected()
 
     async def aclose(self) -> None:
-        """Close every connection (each waits for its own requests)."""
+        """Close every connection (each waits for its own requests).
+
+        Raises: as :meth:`NBDDevice.aclose`.
+        """
         for member in self.members:
             await member.aclose()
 
