@@ -183,7 +183,7 @@ def main(verbose: int) -> None:
               show_default=True, metavar="S",
               help="--upstream: when the upstream connection is lost, requests wait up "
                    "to S seconds for a reconnect (and are sent again) instead of failing.")
-@click.option("--connections", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--connections", type=click.IntRange(1), default=4, show_default=True,
               help="--upstream: connections to the upstream (when it offers multi-conn).")
 @click.option("--upstream-requests", type=click.IntRange(1, 1024), default=64,
               show_default=True,

@@ -33,8 +33,8 @@ class UpstreamOptions:
     ``hostname``)."""
 
     client: ClientOptions = ClientOptions(reconnect_delay=30.0)
-    connections: int = 1
-    max_in_flight: int = 16
+    connections: int = 4
+    max_in_flight: int = 64
     retry_initial: float = 1.0
     retry_max: float = 16.0
     tls: dict[str, Any] = field(default_factory=dict)
