@@ -113,3 +113,15 @@ async def test_past_reconnect_delay_the_client_gets_eio(autojump_clock):
         with pytest.raises(RequestError) as caught:
             await dev.pread(4096, 0)
         assert caught.value.errno == errno.EIO
+
+
+async def test_an_upstream_back_with_another_size_is_not_used(autojump_clock):
+    """The export was fixed when the proxy opened it: a smaller upstream is refused by
+    the driver and the client gets EIO, not a silently shrunken disk."""
+    async with chain(disk(8 * MiB)) as (dev, device, upstream):
+        upstream.kill()
+        upstream.exports = [disk(4 * MiB)]
+        upstream.restart()
+        with pytest.raises(RequestError) as caught:
+            await dev.pread(4096, 0)
+        assert caught.value.errno == errno.EIO and device.state is State.QUIT
