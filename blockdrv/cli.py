@@ -45,6 +45,11 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
 SIZE = SizeType()
 
 
+def _file_option(flag: str, help: str) -> Callable[[F], F]:
+    """An option naming an existing file (certificates, keys)."""
+    return click.option(flag, type=click.Path(exists=True, dir_okay=False), help=help)
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
         return exc.strerror  # blockdrv's errors carry their whole message here
@@ -149,6 +154,9 @@ def main(verbose: int) -> None:
 @click.option("--memory", "memory", type=SIZE, help="Serve a sparse in-memory disk.")
 @click.option("--file", "path", type=click.Path(dir_okay=False),
               help="Serve a file (sparse-aware).")
+@click.option("--upstream", metavar="URI",
+              help="Proxy: serve this NBD export through the reconnecting driver "
+                   "(size, flags, block sizes and metadata contexts mirrored).")
 @click.option("--size", type=SIZE, help="With --file: create/resize the file to SIZE.")
 @click.option("--export", "export_name", default="", show_default=True,
               help="Export name.")
@@ -162,16 +170,35 @@ def main(verbose: int) -> None:
 @click.option("--tls", "tls_mode", type=click.Choice(["off", "allow", "require"]),
               help="TLS: require (FORCEDTLS: nothing but STARTTLS before TLS) or allow "
                    "(the client chooses). Default: require when --tls-cert is given.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
-              help="Server certificate (PEM).")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
-              help="Server private key (PEM; default: in the certificate file).")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
-              help="Require client certificates signed by this CA.")
+@_file_option("--tls-cert", "Server certificate (PEM).")
+@_file_option("--tls-key", "Server private key (PEM; default: in the certificate file).")
+@_file_option("--tls-ca", "Require client certificates signed by this CA.")
 @click.option("--max-payload", type=SIZE, default="32M", show_default=True,
-              help="Largest READ/WRITE accepted (advertised as the maximum block size).")
+              help="Largest READ/WRITE accepted (advertised as the maximum block size; "
+                   "--upstream: the upstream's).")
 @click.option("--min-block", type=SIZE, default="1", show_default=True,
-              help="Minimum block size (alignment) advertised and enforced.")
+              help="Minimum block size (alignment) advertised and enforced "
+                   "(--upstream: the upstream's).")
+@click.option("--reconnect-delay", type=click.FloatRange(0), default=30.0,
+              show_default=True, metavar="S",
+              help="--upstream: when the upstream connection is lost, requests wait up "
+                   "to S seconds for a reconnect (and are sent again) instead of failing.")
+@click.option("--connections", type=click.IntRange(1), default=4, show_default=True,
+              help="--upstream: connections to the upstream (when it offers multi-conn).")
+@click.option("--upstream-requests", type=click.IntRange(1, 1024), default=64,
+              show_default=True,
+              help="--upstream: requests in flight on each upstream connection.")
+@click.option("--open-timeout", type=click.FloatRange(0), default=0.0, metavar="S",
+              help="--upstream: keep trying to reach the upstream at start for up to S "
+                   "seconds (default: one attempt).")
+@click.option("--connect-timeout", type=click.FloatRange(0, min_open=True), default=30.0,
+              show_default=True, metavar="S",
+              help="--upstream: give up on one connection attempt after S seconds.")
+@click.option("--upstream-tls", type=click.Choice(["off", "allow", "require"]),
+              help="--upstream: TLS to the upstream (nbds:// URIs require it).")
+@_file_option("--upstream-tls-ca", "--upstream: CA certificate to verify the upstream with.")
+@_file_option("--upstream-tls-cert", "--upstream: client certificate (PEM).")
+@_file_option("--upstream-tls-key", "--upstream: client private key (PEM).")
 @click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True,
               help="Connections served at once; more are closed as soon as accepted.")
 @click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True), default=10.0,
@@ -218,10 +245,15 @@ def main(verbose: int) -> None:
 @click.option("--slowloris-delay", type=click.FloatRange(0), default=0.01,
               show_default=True, help="Seconds between slowloris pieces.")
 @one_line_errors
-def serve(memory: int | None, path: str | None, size: int | None, export_name: str,
-          description: str, unix: str | None, bind: str, port: int | None, read_only: bool,
-          no_multi_conn: bool, tls_mode: str | None, tls_cert: str | None,
-          tls_key: str | None, tls_ca: str | None, max_payload: int, min_block: int,
+@click.pass_context
+def serve(ctx: click.Context, memory: int | None, path: str | None, upstream: str | None,
+          size: int | None, export_name: str, description: str, unix: str | None,
+          bind: str, port: int | None, read_only: bool, no_multi_conn: bool,
+          tls_mode: str | None, tls_cert: str | None, tls_key: str | None,
+          tls_ca: str | None, max_payload: int, min_block: int, reconnect_delay: float,
+          connections: int, upstream_requests: int, open_timeout: float,
+          connect_timeout: float, upstream_tls: str | None, upstream_tls_ca: str | None,
+          upstream_tls_cert: str | None, upstream_tls_key: str | None,
           max_connections: int, handshake_timeout: float, shutdown_timeout: float,
           buffer_budget: int, socket_buffer: int, shuffle_replies: bool,
           no_structured: bool, no_extended: bool,
@@ -232,6 +264,9 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
           slowloris_piece: int, slowloris_delay: float) -> None:
     """Serve one export over NBD until SIGINT/SIGTERM.
 
+    The export is a sparse in-memory disk (--memory), a file (--file), or another NBD
+    export (--upstream: a proxy whose clients ride through upstream restarts).
+
     Prints the export's NBD URI on the first line of stdout once listening. Without
     --unix or --port it uses sockets from systemd socket activation if any, else
     127.0.0.1:10809.
@@ -239,10 +274,70 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
     from .server import Export, FileBackend, MemoryBackend, NBDServer
     from .server.run import serve_until_signalled
 
-    if (memory is None) == (path is None):
-        raise click.UsageError("give exactly one of --memory SIZE or --file PATH")
+    if sum(source is not None for source in (memory, path, upstream)) != 1:
+        raise click.UsageError("give exactly one of --memory SIZE, --file PATH or "
+                               "--upstream URI")
     if unix is not None and port is not None:
         raise click.UsageError("--unix and --port cannot be used together")
+    given = [f"--{name.replace('_', '-')}" for name in
+             (("size", "max_payload", "min_block") if upstream else
+              ("reconnect_delay", "connections", "upstream_requests", "open_timeout",
+               "connect_timeout", "upstream_tls", "upstream_tls_ca", "upstream_tls_cert",
+               "upstream_tls_key"))
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be used "
+                               f"{'with' if upstream else 'without'} --upstream")
+
+    def configure(export: Export) -> NBDServer:
+        """The fault hooks asked for on ``export``, and the server."""
+        export.faults.rng.seed(seed)
+        for spec in fail_rules:
+            kind, code, rate = _fail_spec(spec)
+            export.faults.fail(kind, errno=code, rate=rate)
+        if lose_writes:
+            export.faults.lose_writes(lose_writes)
+        if stale_reads:
+            export.faults.stale_reads(stale_reads)
+        if crash_after:
+            export.faults.crash_after(crash_after,
+                                      lambda: os.kill(os.getpid(), signal.SIGKILL))
+        if flood:
+            export.faults.flood(rate=flood)
+        if tiny_chunks:
+            export.faults.tiny_chunks(tiny_chunk_max, rate=tiny_chunks)
+        if unrequested_context:
+            export.faults.unrequested_context(rate=unrequested_context)
+        if slowloris:
+            export.faults.slowloris(slowloris_piece, slowloris_delay, rate=slowloris)
+        return NBDServer(export, structured=not no_structured, extended=not no_extended,
+                         shuffle_replies=shuffle_replies, seed=seed,
+                         tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),
+                         max_connections=max_connections,
+                         handshake_timeout=handshake_timeout,
+                         shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget,
+                         socket_buffer_size=socket_buffer or None)
+
+    def announce(uri: str) -> None:
+        print(uri, flush=True)
+
+    serving = functools.partial(serve_until_signalled, unix=unix, bind=bind, port=port,
+                                announce=announce)
+    if upstream is not None:
+        from .server.upstream import UpstreamOptions
+        from .tools.opening import ClientOptions
+
+        tls = {"tls": upstream_tls, "ca": upstream_tls_ca, "cert": upstream_tls_cert,
+               "key": upstream_tls_key}
+        options = UpstreamOptions(
+            client=ClientOptions(reconnect_delay=reconnect_delay, open_timeout=open_timeout,
+                                 connect_timeout=connect_timeout),
+            connections=connections, max_in_flight=upstream_requests,
+            tls={name: value for name, value in tls.items() if value is not None})
+        trio.run(functools.partial(_serve_upstream, upstream, options, configure, serving,
+                                   export_name, description=description,
+                                   read_only=read_only, multi_conn=not no_multi_conn))
+        return
     if path is not None:
         try:
             backend: Any = FileBackend(path, size=size, read_only=read_only,
@@ -252,44 +347,24 @@ def serve(memory: int | None, path: str | None, size: int | None, export_name: s
     else:
         assert memory is not None
         backend = MemoryBackend(memory)
-    export = Export(export_name, backend, read_only=read_only, description=description,
-                    min_block=min_block, max_payload=max_payload,
-                    multi_conn=not no_multi_conn)
-    export.faults.rng.seed(seed)
-    for spec in fail_rules:
-        kind, code, rate = _fail_spec(spec)
-        export.faults.fail(kind, errno=code, rate=rate)
-    if lose_writes:
-        export.faults.lose_writes(lose_writes)
-    if stale_reads:
-        export.faults.stale_reads(stale_reads)
-    if crash_after:
-        export.faults.crash_after(crash_after, lambda: os.kill(os.getpid(), signal.SIGKILL))
-    if flood:
-        export.faults.flood(rate=flood)
-    if tiny_chunks:
-        export.faults.tiny_chunks(tiny_chunk_max, rate=tiny_chunks)
-    if unrequested_context:
-        export.faults.unrequested_context(rate=unrequested_context)
-    if slowloris:
-        export.faults.slowloris(slowloris_piece, slowloris_delay, rate=slowloris)
-    server = NBDServer(export, structured=not no_structured, extended=not no_extended,
-                       shuffle_replies=shuffle_replies, seed=seed,
-                       tls=_server_tls(tls_mode, tls_cert, tls_key, tls_ca),
-                       max_connections=max_connections,
-                       handshake_timeout=handshake_timeout,
-                       shutdown_timeout=shutdown_timeout, buffer_budget=buffer_budget,
-                       socket_buffer_size=socket_buffer or None)
-
-    def announce(uri: str) -> None:
-        print(uri, flush=True)
-
+    server = configure(Export(export_name, backend, read_only=read_only,
+                              description=description, min_block=min_block,
+                              max_payload=max_payload, multi_conn=not no_multi_conn))
     try:
-        trio.run(functools.partial(serve_until_signalled, server, unix=unix, bind=bind,
-                                   port=port, announce=announce))
+        trio.run(functools.partial(serving, server))
     finally:
         server.close()
 
+
+async def _serve_upstream(uri: str, options: Any, configure: Callable[[Any], Any],
+                          serving: Callable[[Any], Awaitable[None]], name: str,
+                          **export_args: Any) -> None:
+    """``serve --upstream``: open the upstream, serve its mirror until a signal."""
+    from .server.node_backend import node_export
+    from .server.upstream import open_upstream
+
+    async with open_upstream(uri, options) as node:
+        await serving(configure(node_export(name, node, **export_args)))
 
 
 @main.command()

@@ -26,8 +26,8 @@ def run_script(script: str, tmp_path: Path, *args: str, timeout: float = 120) ->
 
 def test_bench_server_smoke(tmp_path):
     result = run_script("bench_server.py", tmp_path, "--size", "8M", "--runs", "1")
-    assert set(result["mib_s"]) == {"embedded", "nbdkit"}
-    assert result["ratio"] > 0
+    assert set(result["mib_s"]) == {"embedded", "nbdkit", "proxy"}
+    assert result["ratio"] > 0 and result["proxy_ratio"] > 0
 
 
 def test_reconnect_recovery_smoke(tmp_path):

@@ -336,7 +336,7 @@ def test_port_zero_prints_the_chosen_port():
 
 @pytest.mark.parametrize("args, message", [
     (["--memory", "12Q"], "not a size"),
-    ([], "exactly one of --memory SIZE or --file PATH"),
+    ([], "exactly one of --memory SIZE, --file PATH or --upstream URI"),
     (["--file", "/nonexistent/dir/x.img"], "cannot open /nonexistent/dir/x.img"),
     (["--memory", "1M", "--min-block", "3"], "power of two"),
 ])

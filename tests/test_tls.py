@@ -301,3 +301,20 @@ def test_nbdinfo_against_the_embedded_server_with_tls(certs, tmp_path):
         ours = blockdrv("info", "--json", uri, check=False, timeout=60)
         assert ours.returncode == 0, ours.stderr
         assert '"TLS": true' in ours.stdout
+
+
+def test_serve_upstream_speaks_tls_to_its_upstream(certs, tmp_path):
+    """`blockdrv serve --upstream nbds+unix://...`: TLS to nbdkit, plaintext to the
+    proxy's own (local) clients."""
+    (tmp_path / "up").mkdir()
+    with Nbdkit(tmp_path / "up", "--tls=require", f"--tls-certificates={certs.dir}",
+                "memory", "16M") as upstream:
+        uri = upstream.uri().replace("nbd+unix", "nbds+unix")
+        with EmbeddedServer(tmp_path, "--upstream", uri, "--upstream-tls-ca",
+                            certs.path("ca-cert.pem")) as proxy:
+            for command in ("write -P 0x5a 0 64K", "read -P 0x5a 0 64K"):
+                done = subprocess.run(["qemu-io", "-f", "raw", "-c", command,
+                                       proxy.uri()], capture_output=True, text=True,
+                                      timeout=60)
+                assert done.returncode == 0, done.stderr
+                assert "fail" not in done.stdout + done.stderr, done.stdout

@@ -12,6 +12,9 @@ is a hole (reads as zeroes) and ``views`` are buffers to send as they are.
   FALLOC_FL_PUNCH_HOLE) and runs its system calls in a worker thread.
 
 Extents from ``block_status`` are ``(length, flags)`` with base:allocation flags.
+A backend that knows more metadata contexts (a block node behind
+:mod:`blockdrv.server.node_backend`) names them in ``contexts`` and answers them all
+from ``context_status``; the default answers base:allocation from ``block_status``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Protocol, Sequence
 
 import trio
 
-from ..protocol.constants import StateFlag
+from ..protocol.constants import BASE_ALLOCATION, StateFlag, TransmissionFlag
 
 Segment = tuple[int, int, "Sequence[memoryview] | None"]
 HOLE_FLAGS = int(StateFlag.HOLE | StateFlag.ZERO)
@@ -32,6 +35,12 @@ MAX_EXTENTS = 1024  # per block status reply (the spec lets a server return fewe
 STATUS_SCAN = 1 << 30  # bytes a memory block status looks at (16384 pages)
 ZERO_PAGES_PER_CHECKPOINT = 256  # NO_HOLE zeroing yields every 16 MiB
 FILE_ZERO_PIECE = 256 << 20  # bytes a file backend zeroes per worker-thread call
+ALL_FEATURES = int(TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+                   | TransmissionFlag.SEND_CACHE | TransmissionFlag.SEND_TRIM
+                   | TransmissionFlag.SEND_WRITE_ZEROES)
+"""The optional commands a backend serves unless it says otherwise (``features``)."""
+
+Extents = list[tuple[int, int]]  # (length, flags) runs from an offset
 
 
 class FastZeroUnsupported(OSError):
@@ -49,6 +58,11 @@ class Backend(Protocol):
     immediate: bool
     """True if no method ever waits (memory): the server then runs requests inline
     instead of in a task each."""
+    features: int = ALL_FEATURES
+    """Transmission flags of the optional commands served (SEND_FLUSH, SEND_FUA,
+    SEND_CACHE, SEND_TRIM, SEND_WRITE_ZEROES) and ROTATIONAL; FAST_ZERO is ``fast_zero``."""
+    contexts: Sequence[str] = (BASE_ALLOCATION,)
+    """The metadata contexts ``context_status`` answers."""
 
     async def read(self, offset: int, length: int) -> list[Segment]:
         """Read ``length`` bytes at ``offset`` as data and hole segments."""
@@ -76,9 +90,14 @@ class Backend(Protocol):
         """Prefetch a range (may do nothing)."""
         ...
 
-    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+    async def block_status(self, offset: int, length: int) -> Extents:
         """Allocation runs ``(length, flags)`` from ``offset``, at most ``length`` bytes."""
         ...
+
+    async def context_status(self, offset: int, length: int) -> dict[str, Extents]:
+        """Runs of every one of ``contexts`` from ``offset``, by name, each at most
+        ``length`` bytes (and possibly fewer, each its own)."""
+        return {BASE_ALLOCATION: await self.block_status(offset, length)}
 
     def close(self) -> None:
         """Release the storage."""

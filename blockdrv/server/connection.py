@@ -579,15 +579,15 @@ class ServerConnection:
                             hooks: Hooks) -> list[Chunk]:
         assert self.export is not None
         export = self.export
-        extents = await export.backend.block_status(request.offset, request.length)
-        if export.min_block > 1:
-            extents = coarsen(extents, export.min_block)
-        if request.flags & CommandFlag.REQ_ONE:
-            extents = extents[:1]
+        runs = await export.backend.context_status(request.offset, request.length)
         chunks: list[Chunk] = []
         last = len(self.contexts)
         for i, (context_id, name) in enumerate(self.contexts.items(), start=1):
-            status = extents if name == BASE_ALLOCATION else [(request.length, 0)]
+            status = runs.get(name) or [(request.length, 0)]
+            if name == BASE_ALLOCATION and export.min_block > 1:
+                status = coarsen(status, export.min_block)  # a block with data is data
+            if request.flags & CommandFlag.REQ_ONE:
+                status = status[:1]
             chunks.append([encode_block_status_chunk(request.cookie, context_id, status,
                                                      done=i == last,
                                                      extended=self.extended)])

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..protocol.constants import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, TransmissionFlag
+from ..protocol.constants import DEFAULT_MAX_PAYLOAD, TransmissionFlag
 from ..protocol.server_negotiate import ExportOffer
 from .backends import Backend
 from .faults import Faults
+
+_ALWAYS = (TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+           | TransmissionFlag.SEND_CACHE | TransmissionFlag.ROTATIONAL)
+_WRITING = TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
 
 
 @dataclass(eq=False)
@@ -48,16 +52,17 @@ class Export:
 
     @property
     def flags(self) -> int:
-        """Transmission flags (SEND_DF is added by the handshake when it applies)."""
-        flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
-                 | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE)
+        """Transmission flags: what the backend serves (its ``features``), read-only and
+        multi-conn as set here (SEND_DF is added by the handshake when it applies)."""
+        features = self.backend.features
+        flags = TransmissionFlag.HAS_FLAGS | (features & _ALWAYS)
         if self.multi_conn:
             flags |= TransmissionFlag.CAN_MULTI_CONN
         if self.read_only:
             flags |= TransmissionFlag.READ_ONLY
         else:
-            flags |= TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
-            if self.backend.fast_zero:
+            flags |= features & _WRITING
+            if self.backend.fast_zero and features & TransmissionFlag.SEND_WRITE_ZEROES:
                 flags |= TransmissionFlag.SEND_FAST_ZERO
         return int(flags)
 
@@ -67,4 +72,4 @@ class Export:
                            description=self.description,
                            block_sizes=(self.min_block, self.preferred_block,
                                         self.max_payload),
-                           contexts=(BASE_ALLOCATION,))
+                           contexts=tuple(self.backend.contexts))
