@@ -1,0 +1,149 @@
+"""ReplyState at its edges: each rule alone, and the exact error it gives.
+
+test_replies.py drives whole replies through the reader; these are the cases a mutation
+of replies.py (scripts/mutation) showed no test looked at: each condition of a rule on
+its own, the boundaries, and the messages (a violation names the request and the rule).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from support.errors import raises_message
+
+from blockdrv.protocol.constants import (
+    MAX_REPLY_FRAGMENTS,
+    ChunkType,
+    Command,
+    CommandFlag,
+)
+from blockdrv.protocol.errors import ProtocolError
+from blockdrv.protocol.replies import ReplyState
+from blockdrv.protocol.wire import ReplyHeader
+
+READ, BLOCK_STATUS, WRITE = Command.READ, Command.BLOCK_STATUS, Command.WRITE
+
+
+def state(command=READ, offset=0, length=4096, flags=0, **kw) -> ReplyState:
+    kw.setdefault("structured", True)
+    return ReplyState(command, offset, length, flags, **kw)
+
+
+def violation(what: str, command: str = "READ", offset: int = 0, length: int = 4096):
+    return raises_message(ProtocolError, f"server reply to {command} {offset}+{length}: {what}")
+
+
+def header(type_: int, length: int, *, done: bool = False) -> ReplyHeader:
+    return ReplyHeader(0x668E33EF, 1, 1 if done else 0, type_, length)
+
+
+@pytest.mark.parametrize("before", ["done", "range", "status", "error"])
+def test_a_simple_reply_after_any_other_message_is_a_violation(before):
+    s = state(BLOCK_STATUS if before == "status" else READ, context_ids={1})
+    if before == "done":
+        s.chunk(header(ChunkType.NONE, 0, done=True))
+    elif before == "range":
+        s.hole(0, 512)
+    elif before == "status":
+        s.block_status(1, [(4096, 0)])
+    else:
+        s.error_chunk(5, "", None)
+    command = "BLOCK_STATUS" if before == "status" else "READ"
+    with violation("simple reply after other reply messages", command):
+        s.simple(5)
+
+
+def test_successful_simple_read_after_structured_replies_is_a_violation():
+    with violation("successful simple reply to READ after structured replies were "
+                   "negotiated"):
+        state().simple(0)
+    assert state(structured=False).simple(0) is True  # READ data follows
+    assert state(structured=False, length=0).simple(0) is False  # nothing follows
+    assert state(structured=False, length=1).simple(0) is True
+
+
+def test_block_status_needs_structured_success_but_may_fail_simply():
+    with violation("successful simple reply to BLOCK_STATUS", "BLOCK_STATUS"):
+        state(BLOCK_STATUS).simple(0)
+    s = state(BLOCK_STATUS)
+    assert s.simple(1) is False
+    assert s.finish().errno == errno.EPERM
+
+
+def test_a_simple_error_is_the_requests_error():
+    s = state(structured=False, offset=512, length=1024)
+    assert s.simple(5) is False
+    error = s.finish()
+    assert error.errno == errno.EIO and error.server_message == "" and error.offset is None
+    assert error.strerror == "READ 512+1024 failed: EIO (Input/output error)"
+
+
+def test_an_unknown_command_is_named_by_number():
+    with violation("successful simple reply to BLOCK_STATUS", "BLOCK_STATUS"):
+        state(BLOCK_STATUS).simple(0)
+    s = state(99, structured=False)
+    s.simple(5)
+    assert s.finish().strerror == "command 99 0+4096 failed: EIO (Input/output error)"
+    with violation("NONE chunk without the DONE flag", "command 99"):
+        state(99).chunk(header(ChunkType.NONE, 0))
+
+
+def test_content_outside_the_request_is_named():
+    with violation("hole chunk 4096+512 outside the request"):
+        state().hole(4096, 512)
+    with violation("data chunk 0+8192 outside the request"):
+        state().data(0, 8192)
+
+
+def test_scattered_content_past_the_fragment_cap_is_named():
+    s = state(length=2 * MAX_REPLY_FRAGMENTS + 2)
+    for i in range(MAX_REPLY_FRAGMENTS):
+        s.hole(2 * i, 1)
+    with violation(f"content chunks scattered over more than {MAX_REPLY_FRAGMENTS} "
+                   "separate ranges (MAX_REPLY_FRAGMENTS)",
+                   length=2 * MAX_REPLY_FRAGMENTS + 2):
+        s.hole(2 * MAX_REPLY_FRAGMENTS, 1)
+
+
+@pytest.mark.parametrize("extents, what", [
+    ([], "block status chunk without extents"),
+    ([(512, 0), (0, 0)], "block status extent of length 0"),
+])
+def test_bad_block_status_is_named(extents, what):
+    with violation(what, "BLOCK_STATUS"):
+        state(BLOCK_STATUS, context_ids={1}).block_status(1, extents)
+
+
+def test_block_status_contexts_are_checked():
+    s = state(BLOCK_STATUS, context_ids={1})
+    with violation("block status for unknown context id 2", "BLOCK_STATUS"):
+        s.block_status(2, [(512, 0)])
+    s.block_status(1, [(512, 0)])
+    with violation("second block status chunk for context id 1", "BLOCK_STATUS"):
+        s.block_status(1, [(512, 0)])
+
+
+def test_req_one_allows_one_extent_up_to_the_length_whatever_its_flags():
+    one = int(CommandFlag.REQ_ONE)
+    state(BLOCK_STATUS, length=4096, flags=one, context_ids={1}).block_status(
+        1, [(4096, 0xFFFFFFFF)])
+    for extents in ([(4097, 0)], [(512, 0), (512, 0)]):
+        with violation("more than one extent, or a longer one, despite REQ_ONE",
+                       "BLOCK_STATUS"):
+            state(BLOCK_STATUS, flags=one, context_ids={1}).block_status(1, extents)
+
+
+@pytest.mark.parametrize("offset, length, error_offset, inside", [
+    (4096, 512, 4095, False), (4096, 512, 4096, True), (4096, 512, 4607, True),
+    (4096, 512, 4608, False), (4096, 0, 4096, True), (4096, 0, 4097, False),
+])
+def test_error_offset_must_fall_in_the_request(offset, length, error_offset, inside):
+    s = state(WRITE, offset=offset, length=length)
+    if inside:
+        s.error_chunk(5, "m", error_offset)
+        assert s.error.offset == error_offset
+    else:
+        with violation(f"error offset {error_offset} outside the request", "WRITE",
+                       offset, length):
+            s.error_chunk(5, "m", error_offset)
