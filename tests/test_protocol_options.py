@@ -23,6 +23,7 @@ from blockdrv.protocol.constants import (
 )
 from blockdrv.protocol.errors import InvalidArgumentError, ProtocolError
 from blockdrv.protocol.options import (
+    decode_export_name_reply,
     decode_greeting,
     decode_info,
     decode_info_request,
@@ -86,6 +87,10 @@ def L(n: int) -> bytes:  # noqa: N802 (a length field)
      ProtocolError, '2 information requests do not fit the option data'),
     (lambda: decode_info_request(L(1) + b'\0' + b'\0\0'),
      ProtocolError, 'export name contains a NUL character'),
+    (lambda: decode_meta_context_request(L(1) + b"\0" + L(0)),
+     ProtocolError, 'export name contains a NUL character'),
+    (lambda: decode_export_name_reply(struct.pack(">QH", 1 << 63, 0)),
+     ProtocolError, 'export size 9223372036854775808 is not below 2**63'),
     (lambda: decode_meta_context_request(L(0)),
      ProtocolError, 'meta context query count missing'),
     (lambda: decode_meta_context_request(L(0) + L(2) + L(0)),

@@ -27,6 +27,7 @@ from blockdrv.protocol.wire import (
     STRUCTURED_REPLY_SIZE,
     U32_MAX,
     ReplyHeader,
+    ReplyHeaderSizes,
     decode_block_status,
     decode_error,
     decode_hole,
@@ -34,6 +35,7 @@ from blockdrv.protocol.wire import (
     decode_request,
     encode_block_status_chunk,
     encode_block_status_payload,
+    encode_chunk_header,
     encode_error_chunk,
     encode_error_payload,
     encode_hole_chunk,
@@ -85,6 +87,19 @@ def test_reply_header_sizes_hold_exactly_the_allowed_magics(structured, extended
                                  extended=extended) == size
 
 
+@pytest.mark.parametrize("structured, extended", STYLES)
+def test_a_new_reply_header_sizes_table_matches_the_shared_one(structured, extended):
+    # (The shared tables are built at import; a new one runs the constructor again.)
+    sizes = ReplyHeaderSizes(structured=structured, extended=extended)
+    assert (sizes.structured, sizes.extended) == (structured, extended)
+    assert sizes == reply_header_sizes(structured=structured, extended=extended)
+    bad = SIMPLE_REPLY_MAGIC if extended else EXTENDED_REPLY_MAGIC
+    style = "extended" if extended else "compact"
+    with raises_message(ProtocolError, f"reply magic 0x{bad:08x} not allowed with the "
+                                       f"negotiated {style} headers"):
+        sizes[bad]
+
+
 @pytest.mark.parametrize("structured, extended, magic, style", [
     (False, False, STRUCTURED_REPLY_MAGIC, "compact"),
     (True, False, EXTENDED_REPLY_MAGIC, "compact"),
@@ -134,6 +149,7 @@ def test_chunk_encoders_default_to_offset_0_and_pass_the_offset_on():
     def offset(chunk: bytes) -> int:
         return decode_reply_header(chunk[:EXTENDED_REPLY_SIZE]).offset
 
+    assert offset(encode_chunk_header(1, ChunkType.NONE, 0, done=True, extended=True)) == 0
     assert offset(encode_none_chunk(1, extended=True)) == 0
     assert offset(encode_none_chunk(1, extended=True, offset=9)) == 9
     assert offset(encode_hole_chunk(1, 4096, 512, done=True, extended=True)) == 4096
