@@ -19,8 +19,8 @@ from blockdrv.protocol.constants import (
     CommandFlag,
 )
 from blockdrv.protocol.errors import ProtocolError
-from blockdrv.protocol.replies import ReplyState
-from blockdrv.protocol.wire import ReplyHeader
+from blockdrv.protocol.replies import CHUNK_DONE, READ_OFFSET, READ_PAYLOAD, ReplyCursor, ReplyState
+from blockdrv.protocol.wire import ReplyHeader, encode_hole_chunk
 
 READ, BLOCK_STATUS, WRITE = Command.READ, Command.BLOCK_STATUS, Command.WRITE
 
@@ -147,3 +147,80 @@ def test_error_offset_must_fall_in_the_request(offset, length, error_offset, ins
         with violation(f"error offset {error_offset} outside the request", "WRITE",
                        offset, length):
             s.error_chunk(5, "m", error_offset)
+
+
+@pytest.mark.parametrize("command, prepare, chunk, what", [
+    (READ, "done", header(ChunkType.NONE, 0, done=True), "chunk after the final (DONE) chunk"),
+    (READ, "simple", header(ChunkType.NONE, 0, done=True),
+     "structured chunk without structured replies"),
+    (READ, None, header(ChunkType.NONE, 4, done=True), "NONE chunk with a 4-byte payload"),
+    (WRITE, None, header(ChunkType.OFFSET_HOLE, 12), "OFFSET_HOLE chunk for a non-READ request"),
+    (WRITE, None, header(ChunkType.OFFSET_DATA, 16), "OFFSET_DATA chunk for a non-READ request"),
+    (READ, "df", header(ChunkType.OFFSET_HOLE, 12),
+     "second content chunk despite DF (don't fragment)"),
+])
+def test_bad_chunk_headers_are_named(command, prepare, chunk, what):
+    s = state(command, flags=int(CommandFlag.DF) if prepare == "df" else 0,
+              structured=prepare != "simple")
+    if prepare == "done":
+        s.chunk(header(ChunkType.NONE, 0, done=True))
+    elif prepare == "df":
+        s.chunk(header(ChunkType.OFFSET_HOLE, 12))
+    with violation(what, command.name):
+        s.chunk(chunk)
+
+
+def test_finish_names_what_is_missing():
+    with violation("reply finished without a DONE chunk"):
+        state().finish()
+    s = state()
+    s.hole(0, 1024)
+    s.chunk(header(ChunkType.NONE, 0, done=True))
+    with violation("successful reply covers 1024 of 4096 bytes"):
+        s.finish()
+    s = state(BLOCK_STATUS, context_ids={1, 2})
+    s.block_status(1, [(4096, 0)])
+    s.chunk(header(ChunkType.NONE, 0, done=True))
+    with violation("successful reply lacks a block status chunk for some context",
+                   "BLOCK_STATUS"):
+        s.finish()
+
+
+def test_block_status_past_the_request_is_named():
+    s = state(BLOCK_STATUS, length=1024, context_ids={1})
+    with violation("block status extents continue past the request", "BLOCK_STATUS",
+                   length=1024):
+        s.block_status(1, [(1024, 0), (512, 0)])
+    # The last extent may run past the end; the ones before it may not reach it.
+    state(BLOCK_STATUS, length=1024, context_ids={1}).block_status(1, [(512, 0), (4096, 0)])
+
+
+def test_an_error_chunk_names_its_offset_and_the_servers_message():
+    s = state(WRITE, offset=4096, length=512)
+    s.error_chunk(28, "disk full", 4100)
+    s.error_chunk(5, "second", None)  # the first error is kept
+    s.chunk(header(ChunkType.NONE, 0, done=True))
+    error = s.finish()
+    assert error.strerror == ("WRITE 4096+512 failed: ENOSPC (No space left on device) "
+                              "at offset 4100: disk full")
+    assert (error.errno, error.server_message, error.offset) == (errno.ENOSPC, "disk full",
+                                                                 4100)
+
+
+def test_repr_says_where_the_reply_is():
+    s = state(offset=512, length=1024)
+    s.hole(512, 256)
+    assert repr(s) == "<ReplyState READ 512+1024 covered=256 done=False>"
+
+
+def test_cursor_steps_are_checked_and_a_payload_leaves_nothing_to_read():
+    cursor = ReplyCursor(READ, 0, 4096, structured=True)
+    assert cursor.begin(header(ChunkType.OFFSET_HOLE, 12)) == READ_PAYLOAD
+    assert cursor.left == 12
+    with pytest.raises(AssertionError):  # a reader that reads the wrong thing
+        cursor.data_offset(0)
+    cursor.payload(encode_hole_chunk(1, 0, 4096, done=False)[-12:])
+    assert (cursor.left, cursor.step) == (0, CHUNK_DONE)
+    assert cursor.begin(header(ChunkType.OFFSET_DATA, 8 + 16)) == READ_OFFSET
+    with pytest.raises(AssertionError):
+        cursor.payload(b"")
