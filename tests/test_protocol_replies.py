@@ -13,7 +13,10 @@ import pytest
 from support.errors import raises_message
 
 from blockdrv.protocol.constants import (
+    MAX_BLOCK_STATUS_CHUNK,
     MAX_REPLY_FRAGMENTS,
+    MAX_SMALL_CHUNK,
+    SIMPLE_REPLY_MAGIC,
     ChunkType,
     Command,
     CommandFlag,
@@ -224,3 +227,45 @@ def test_cursor_steps_are_checked_and_a_payload_leaves_nothing_to_read():
     assert cursor.begin(header(ChunkType.OFFSET_DATA, 8 + 16)) == READ_OFFSET
     with pytest.raises(AssertionError):
         cursor.payload(b"")
+
+
+def test_a_chunk_reaching_into_the_next_range_overlaps_it():
+    s = state()
+    s.hole(50, 10)
+    with violation("hole chunk 0+55 overlaps an earlier chunk"):
+        s.hole(0, 55)
+
+
+@pytest.mark.parametrize("command, chunk, what", [
+    (READ, header(ChunkType.OFFSET_HOLE, 11), "OFFSET_HOLE chunk of 11 bytes"),
+    (READ, header(ChunkType.OFFSET_DATA, 8 + 4097),
+     "OFFSET_DATA chunk of 4105 bytes for a 4096-byte read"),
+    (READ, header(ChunkType.OFFSET_DATA, 8), "OFFSET_DATA chunk of 8 bytes for a 4096-byte read"),
+    (READ, header(ChunkType.BLOCK_STATUS, 12),
+     "block status chunk for a non-BLOCK_STATUS request"),
+    (BLOCK_STATUS, header(ChunkType.BLOCK_STATUS_EXT, 24),
+     "BLOCK_STATUS_EXT chunk does not match the negotiated header style"),
+    (BLOCK_STATUS, header(ChunkType.BLOCK_STATUS, MAX_BLOCK_STATUS_CHUNK + 1),
+     f"block status chunk of {MAX_BLOCK_STATUS_CHUNK + 1} bytes is too large"),
+    (READ, header(ChunkType.ERROR, MAX_SMALL_CHUNK + 1),
+     f"error chunk of {MAX_SMALL_CHUNK + 1} bytes is too large"),
+    (READ, header(7, 0), "unknown chunk type 7"),
+])
+def test_more_bad_chunk_headers_are_named(command, chunk, what):
+    with violation(what, command.name):
+        state(command).chunk(chunk)
+
+
+def test_chunk_sizes_at_the_caps_are_accepted():
+    state(READ).chunk(header(ChunkType.OFFSET_DATA, 8 + 4096))
+    state(BLOCK_STATUS).chunk(header(ChunkType.BLOCK_STATUS, MAX_BLOCK_STATUS_CHUNK))
+    state(READ).chunk(header(ChunkType.ERROR, MAX_SMALL_CHUNK))
+
+
+def test_cursor_has_nothing_to_read_after_an_error_reply_or_a_none_chunk():
+    simple = ReplyCursor(WRITE, 0, 512)
+    assert simple.begin(ReplyHeader(SIMPLE_REPLY_MAGIC, 1, 1, -1, 0, 5)) == CHUNK_DONE
+    assert simple.step == CHUNK_DONE and simple.finished
+    none = ReplyCursor(WRITE, 0, 512, structured=True)
+    assert none.begin(header(ChunkType.NONE, 0, done=True)) == CHUNK_DONE
+    assert none.finished
