@@ -269,3 +269,26 @@ def test_cursor_has_nothing_to_read_after_an_error_reply_or_a_none_chunk():
     none = ReplyCursor(WRITE, 0, 512, structured=True)
     assert none.begin(header(ChunkType.NONE, 0, done=True)) == CHUNK_DONE
     assert none.finished
+
+
+def test_pieces_out_of_order_insert_and_join_in_every_way():
+    s = state(length=200)
+    s.hole(100, 10)  # [100, 110)
+    s.hole(0, 10)  # before everything, touching nothing
+    s.hole(50, 10)  # between two ranges, touching neither
+    with violation("hole chunk 5+1 overlaps an earlier chunk", length=200):
+        s.hole(5, 1)
+    s.hole(10, 40)  # joins both neighbours: [0, 60)
+    with violation("hole chunk 55+1 overlaps an earlier chunk", length=200):
+        s.hole(55, 1)
+    s.hole(60, 40)  # joins both again: [0, 110)
+    s.hole(110, 90)  # in order, after everything
+    s.chunk(header(ChunkType.NONE, 0, done=True))
+    assert s.finish() is None and s.covered == 200
+
+
+def test_a_new_state_is_compact_unflagged_and_has_read_nothing():
+    s = ReplyState(READ, 0, 4096)
+    assert (s.flags, s.structured, s.extended) == (0, False, False)
+    assert (s.step, s.at, s.left, s.header, s.chunks) == (CHUNK_DONE, 0, 0, None, 0)
+    assert s.simple(0) is True  # compact: a successful simple READ reply carries data
