@@ -283,6 +283,9 @@ def test_pieces_out_of_order_insert_and_join_in_every_way():
         s.hole(55, 1)
     s.hole(60, 40)  # joins both again: [0, 110)
     s.hole(110, 90)  # in order, after everything
+    for at in (5, 55, 105, 150):  # one range now: everything overlaps it
+        with violation(f"hole chunk {at}+1 overlaps an earlier chunk", length=200):
+            s.hole(at, 1)
     s.chunk(header(ChunkType.NONE, 0, done=True))
     assert s.finish() is None and s.covered == 200
 
