@@ -12,11 +12,29 @@ import pytest
 from support.errors import raises_message
 from test_negotiate import Script, go_ok, greet, reply
 
-from blockdrv.protocol import NEED_DATA, ClientNegotiator, OptionError, ProtocolError
-from blockdrv.protocol.constants import MAX_BLOCK_SIZE_MINIMUM, Option, OptionReply
+from blockdrv.protocol import (
+    NEED_DATA,
+    ClientNegotiator,
+    Goal,
+    Negotiated,
+    OptionError,
+    ProtocolError,
+    TLSMode,
+)
+from blockdrv.protocol.constants import (
+    MAX_BLOCK_SIZE_MINIMUM,
+    HandshakeFlag,
+    Option,
+    OptionReply,
+)
 from blockdrv.protocol.errors import InvalidArgumentError
-from blockdrv.protocol.negotiate import check_block_sizes, option_error
-from blockdrv.protocol.options import decode_option_header
+from blockdrv.protocol.negotiate import Phase, check_block_sizes, option_error
+from blockdrv.protocol.options import (
+    decode_option_header,
+    encode_export_name_reply,
+    encode_rep_meta_context,
+    encode_rep_server,
+)
 
 
 @pytest.mark.parametrize("option, reply_type, message, export, text, code", [
@@ -120,3 +138,75 @@ def test_leftover_hands_over_the_bytes_after_the_handshake_once():
     s.feed(go_ok() + b"transmission")
     assert s.client.leftover() == b"transmission"
     assert s.client.leftover() == b""
+
+
+def _fallen_back(no_zeroes: bool) -> ClientNegotiator:
+    """A client that fell back to NBD_OPT_EXPORT_NAME; returns it with what it sent."""
+    client = ClientNegotiator("disk", extended=False, structured=False)
+    flags = HandshakeFlag.FIXED_NEWSTYLE | (HandshakeFlag.NO_ZEROES if no_zeroes else 0)
+    client.receive_data(greet(flags))
+    assert client.next_event() is NEED_DATA
+    client.data_to_send()
+    client.receive_data(reply(Option.GO, OptionReply.ERR_UNSUP))
+    assert client.next_event() is NEED_DATA
+    return client
+
+
+def test_export_name_fallback_sends_the_name_and_waits_for_the_zeroes():
+    client = _fallen_back(no_zeroes=False)
+    sent = client.data_to_send()
+    assert decode_option_header(sent) == (Option.EXPORT_NAME, 4) and sent[16:] == b"disk"
+    reply_bytes = encode_export_name_reply(8192, 1, no_zeroes=False)
+    client.receive_data(reply_bytes[:10])
+    assert client.next_event() is NEED_DATA  # the 124 zeroes still to come
+    client.receive_data(reply_bytes[10:])
+    assert isinstance(client.next_event(), Negotiated)
+    assert client.phase is Phase.DONE and client.leftover() == b""
+
+
+def test_a_refused_export_is_named_in_the_error():
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    with raises_message(OptionError, "NBD_OPT_GO for export 'disk': no such export"):
+        s.feed(reply(Option.GO, OptionReply.ERR_UNKNOWN))
+
+
+def test_a_refused_starttls_when_required_says_so():
+    client = ClientNegotiator("disk", tls=TLSMode.REQUIRE)
+    client.receive_data(greet())
+    client.next_event()
+    client.receive_data(reply(Option.STARTTLS, OptionReply.ERR_POLICY, b"no"))
+    with pytest.raises(OptionError) as caught:
+        client.next_event()
+    error = caught.value
+    assert error.strerror == ("TLS is required but the server refused STARTTLS: "
+                              "NBD_OPT_STARTTLS: refused by server policy (server said: no)")
+    assert (error.errno, error.option, error.reply_type, error.server_message) == (
+        errno.EPERM, Option.STARTTLS, OptionReply.ERR_POLICY, "no")
+
+
+def test_listed_exports_keep_their_descriptions_and_the_query_ends():
+    s = Script(extended=False, structured=False, goal=Goal.LIST)
+    s.feed(greet())
+    event = s.feed(reply(Option.LIST, OptionReply.SERVER, encode_rep_server("a", "first"))
+                   + reply(Option.LIST))
+    assert [(e.name, e.description) for e in event.exports] == [("a", "first")]
+    assert s.client.phase is Phase.DONE
+
+
+def test_a_context_id_given_twice_is_a_violation():
+    s = Script(extended=False, meta_contexts=("base:allocation", "qemu:dirty-bitmap:b"))
+    s.feed(greet())
+    s.feed(reply(Option.STRUCTURED_REPLY))
+    s.feed(reply(Option.SET_META_CONTEXT, OptionReply.META_CONTEXT,
+                 encode_rep_meta_context(1, "base:allocation")))
+    with pytest.raises(ProtocolError):
+        s.feed(reply(Option.SET_META_CONTEXT, OptionReply.META_CONTEXT,
+                     encode_rep_meta_context(1, "qemu:dirty-bitmap:b")))
+
+
+def test_after_go_the_phase_is_done():
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    assert isinstance(s.feed(go_ok()), Negotiated)
+    assert s.client.phase is Phase.DONE
