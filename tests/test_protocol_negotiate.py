@@ -210,3 +210,31 @@ def test_after_go_the_phase_is_done():
     s.feed(greet())
     assert isinstance(s.feed(go_ok()), Negotiated)
     assert s.client.phase is Phase.DONE
+
+
+def test_an_unlimited_maximum_block_size_needs_no_multiple():
+    check_block_sizes(512, 4096, 0xFFFFFFFF)  # "no limit", not a multiple of 512
+
+
+def test_an_export_without_a_name_info_keeps_the_name_asked_for():
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    assert s.feed(go_ok()).info.name == "disk"
+
+
+def test_an_export_without_its_size_is_a_violation():
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    with raises_message(ProtocolError, "server accepted the export without sending its size "
+                                       "(NBD_INFO_EXPORT)"):
+        s.feed(reply(Option.GO))
+
+
+def test_plaintext_after_the_starttls_ack_is_counted():
+    client = ClientNegotiator("disk", tls=TLSMode.REQUIRE)
+    client.receive_data(greet())
+    client.next_event()
+    client.receive_data(reply(Option.STARTTLS) + b"evil")
+    with raises_message(ProtocolError,
+                        "server sent 4 plaintext bytes after acknowledging STARTTLS"):
+        client.next_event()
