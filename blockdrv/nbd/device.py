@@ -94,6 +94,7 @@ from .admission import Admission, AdmissionMonitor
 from .connection import ClientConnection, worth_retrying_open
 from .dispatch import MAX_SLOTS, Dispatcher, ReplyLost, Session, Slot
 from .handshake import HandshakeOptions, StreamFactory, connect_export
+from .locks import FifoMutex
 from .states import Event, State, next_state
 
 log = logging.getLogger("blockdrv.nbd")
@@ -167,7 +168,7 @@ class NBDDevice(BlockNode):
         self._stream_factory = stream_factory
         self._socket_buffer_size = socket_buffer_size
 
-        self.send_mutex = trio.Lock()
+        self.send_mutex = FifoMutex()
         self._dispatch = Dispatcher(max_in_flight)
         self.receive_mutex = self._dispatch.receive_mutex
         self._state = AsyncValue(State.CONNECTING_NOWAIT)
@@ -539,11 +540,11 @@ class NBDDevice(BlockNode):
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
             send_mutex = self.send_mutex
-            try:
-                send_mutex.acquire_nowait()  # free: the common case, no scheduler trip
-            except trio.WouldBlock:
+            if send_mutex.held:
                 slot.yielded = True
                 await send_mutex.acquire()
+            else:
+                send_mutex.held = True  # free: the common case, no scheduler trip
             try:
                 if session is not self._dispatch.live or channel.broken:
                     raise _TransportFailure("connection lost before sending")

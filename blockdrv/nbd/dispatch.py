@@ -47,6 +47,7 @@ from ..protocol.export import ExportInfo
 from ..protocol.replies import READ_DATA, READ_OFFSET, READ_PAYLOAD, ReplyCursor
 from ..protocol.wire import ReplyHeader, decode_reply_header, reply_header_sizes
 from ..transport import DEFAULT_READ_AHEAD, Channel
+from .locks import FifoMutex
 
 CHECKPOINT_CHUNKS = 16
 """A request consuming a reply checkpoints after this many chunks of it."""
@@ -110,7 +111,7 @@ class Dispatcher:
         self.slots: list[Slot | None] = [None] * max_in_flight
         self.live: Session | None = None  # the connection that is up (None: none is)
         self.current: ReplyHeader | None = None  # qemu's s->reply
-        self.receive_mutex = trio.Lock()
+        self.receive_mutex = FifoMutex()
         self.sleepers = 0  # slots asleep until woken
         self.bytes_read = 0  # READ bytes delivered to callers (data and holes)
         self.hole_bytes_read = 0  # of which delivered as holes (no payload)
@@ -212,11 +213,11 @@ class Dispatcher:
                 await self._sleep(slot)  # someone else's reply is being consumed
                 continue
             receive_mutex = self.receive_mutex
-            if receive_mutex.locked():
+            if receive_mutex.held:
                 await self._sleep(slot)  # someone is reading the next header
                 continue
             # Free, and nothing awaited since the checks above: they still hold.
-            receive_mutex.acquire_nowait()
+            receive_mutex.held = True  # (acquire_nowait, inlined: nobody can wait)
             try:
                 try:
                     raw = await slot.session.channel.peek_framed(slot.session.sizes)
@@ -229,7 +230,7 @@ class Dispatcher:
                 if owner is not slot:
                     self._wake(owner)
             finally:
-                receive_mutex.release()
+                receive_mutex.held = False  # (release, inlined: nobody parks on it)
 
     def _take_header(self, session: Session, raw: memoryview) -> Slot | None:
         """Consume the header peeked in ``raw`` from ``session`` and make it current;
@@ -318,7 +319,7 @@ class Dispatcher:
         """A request leaves: if the stream is free and someone sleeps waiting for a
         reply, read the next header now if it is already here and wake its owner; else
         wake one sleeper to read it.  Raises ProtocolError for a bad header."""
-        if self.current is not None or self.receive_mutex.locked() or not self.sleepers:
+        if self.current is not None or self.receive_mutex.held or not self.sleepers:
             return  # someone has the stream, or nobody waits (a later request reads)
         live = self.live
         if live is not None:
