@@ -101,6 +101,7 @@ log = logging.getLogger("blockdrv.nbd")
 
 # Hot-path constants: looking up an enum member costs more than the check it is used in.
 _READ, _WRITE = Command.READ, Command.WRITE
+_READ_KEY, _WRITE_KEY = (_READ, 0), (_WRITE, 0)  # (command, flags) keys of _limits
 
 
 class _TransportFailure(Exception):
@@ -661,8 +662,25 @@ class NBDDevice(BlockNode):
         self._pieces(Command.READ, offset, count)  # check before allocating
         return await super().pread(count, offset)
 
+    def _one_piece(self, key: tuple[Command, int], offset: int, count: int) -> bool:
+        """True if a request (command and flags ``key``) at ``offset`` of ``count``
+        bytes is allowed and fits in one piece, as far as the cheap checks tell: the
+        pair was allowed before, and the range is in bounds and aligned.  False means
+        "let :meth:`_pieces` decide" (split, check or raise)."""
+        limit = self._limits.get(key)
+        info = self._info
+        if limit is None or info is None or count > limit or offset < 0:
+            return False
+        align = info.min_block
+        return offset + count <= info.size and not offset % align and not count % align
+
     async def _do_pread_into(self, buf: memoryview, offset: int,
                              holes: list[tuple[int, int]] | None = None) -> None:
+        if self._one_piece(_READ_KEY, offset, len(buf)):  # the common case
+            slot = await self._request(_READ, offset, len(buf), buffer=buf)
+            if holes is not None and slot.holes:
+                holes += slot.holes
+            return
         pos = 0
         for at, n in self._pieces(_READ, offset, len(buf)):
             slot = await self._request(_READ, at, n, buffer=buf[pos:pos + n])
@@ -671,6 +689,10 @@ class NBDDevice(BlockNode):
             pos += n
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
+        if not fua and self._one_piece(_WRITE_KEY, offset, len(buf)):  # the common case
+            await self._request(_WRITE, offset, len(buf), payload=buf)
+            self._stats["bytes_written"] += len(buf)
+            return
         flags = CommandFlag.FUA if fua else 0
         pos = 0
         for at, n in self._pieces(_WRITE, offset, len(buf), flags):
