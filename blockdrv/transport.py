@@ -307,6 +307,27 @@ class Channel:
         self._start += 8
         return int(value)
 
+    def take_u64_nowait(self) -> int | None:
+        """:meth:`receive_u64` if the 8 bytes are buffered already, else None (the
+        common case costs no coroutine)."""
+        start = self._start
+        if self._end - start < 8:
+            return None
+        self._start = start + 8
+        return int(_U64.unpack_from(self._view, start)[0])
+
+    def take_buffered_into(self, view: memoryview) -> int:
+        """Copy buffered bytes into ``view`` (as many as fit); returns the count (0 if
+        nothing is buffered)."""
+        start = self._start
+        n = self._end - start
+        if n > len(view):
+            n = len(view)
+        if n:
+            view[:n] = self._view[start:start + n]
+            self._start = start + n
+        return n
+
     def consume(self, n: int) -> None:
         """Drop ``n`` peeked bytes."""
         assert n <= self._end - self._start

@@ -402,7 +402,7 @@ class NBDDevice(BlockNode):
         self._admission.monitor = monitor
 
     def _may_admit(self, admitted: int) -> bool:
-        state = self._state.value
+        state = self._state._value  # (AsyncValue's getter, inlined: once a request)
         if state is State.CONNECTED:
             return admitted < self.max_in_flight
         return admitted == 0 or state is State.QUIT

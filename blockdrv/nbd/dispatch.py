@@ -152,15 +152,6 @@ class Dispatcher:
         if self.slots[index] is slot:
             self.slots[index] = None
 
-    def _owner(self, header: ReplyHeader, session: Session) -> Slot:
-        cookie = header.cookie
-        index = (cookie & _SLOT_MASK) - 1
-        if 0 <= index < len(self.slots):
-            owner = self.slots[index]
-            if owner is not None and owner.cookie == cookie and owner.session is session:
-                return owner
-        raise ProtocolError(f"server replied with unknown cookie {cookie:#x}")
-
     # --- receiving ------------------------------------------------------------------
 
     async def receive(self, slot: Slot) -> None:
@@ -178,7 +169,10 @@ class Dispatcher:
                 step = cursor.begin(header)  # the owner checks its own chunks, once each
             # What the chunk carries, as the cursor asks (inlined: one per reply).
             if step == READ_OFFSET:
-                cursor.data_offset(await channel.receive_u64())  # a peek, then consumed
+                offset = channel.take_u64_nowait()  # usually buffered with the header
+                if offset is None:
+                    offset = await channel.receive_u64()  # a peek, then consumed
+                cursor.data_offset(offset)
                 step = cursor.step
             if step == READ_DATA:
                 buffer = slot.buffer
@@ -189,7 +183,10 @@ class Dispatcher:
                             memoryview(scratch)[:min(cursor.left, len(scratch))])
                     else:
                         at = cursor.at
-                        n = await channel.receive_some_into(buffer[at:at + cursor.left])
+                        view = buffer[at:at + cursor.left]
+                        # What was read ahead first, without a coroutine; then the socket.
+                        n = channel.take_buffered_into(view) or \
+                            await channel.receive_some_into(view)
                         self.bytes_read += n
                     cursor.data_read(n)
             elif step == READ_PAYLOAD:
@@ -244,7 +241,11 @@ class Dispatcher:
         session.channel.consume(len(raw))
         if session is not self.live:
             return None
-        owner = self._owner(header, session)
+        cookie = header.cookie  # its owner (_owner, inlined: once a reply)
+        index = (cookie & _SLOT_MASK) - 1
+        owner = self.slots[index] if 0 <= index < len(self.slots) else None
+        if owner is None or owner.cookie != cookie or owner.session is not session:
+            raise ProtocolError(f"server replied with unknown cookie {cookie:#x}")
         self.current = header
         return owner
 
