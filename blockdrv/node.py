@@ -160,6 +160,13 @@ class Count(AsyncValue):  # type: ignore[misc]  # (trio_util has no type hints)
         else:
             self._value = new
 
+    def add(self, delta: int) -> None:
+        """``value += delta`` in one call (the port's hot path)."""
+        if self._level_results or self._edge_results or self._transforms:
+            _ASYNC_VALUE_SETTER(self, self._value + delta)
+        else:
+            self._value += delta
+
 
 _ASYNC_VALUE_SETTER = AsyncValue.value.fset
 
@@ -285,10 +292,10 @@ class BlockNode(abc.ABC):
         ``holes``: a list to which the (offset, length) of every range that came as a
         hole (zeroes without data, e.g. an NBD OFFSET_HOLE chunk) is appended.
         """
-        if self._drains.value:
+        if self._drains._value:  # (the getter, inlined)
             await self._gate()
         in_flight = self.in_flight
-        in_flight.value += 1
+        in_flight.add(1)
         try:
             route = self._route()
             if route is None:  # the common case, kept short
@@ -299,15 +306,15 @@ class BlockNode(abc.ABC):
             else:
                 await route.pread_into(buf, offset, holes=holes)
         finally:
-            in_flight.value -= 1
+            in_flight.add(-1)
 
     async def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
-        if self._drains.value:
+        if self._drains._value:  # (the getter, inlined)
             await self._gate()
         in_flight = self.in_flight
-        in_flight.value += 1
+        in_flight.add(1)
         try:
             route = self._route()
             if route is None:
@@ -315,7 +322,7 @@ class BlockNode(abc.ABC):
             else:
                 await route.pwrite(buf, offset, fua=fua)
         finally:
-            in_flight.value -= 1
+            in_flight.add(-1)
 
     async def zero(self, count: int, offset: int, *, may_trim: bool = True,
                    fast: bool = False, fua: bool = False) -> None:

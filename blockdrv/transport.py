@@ -297,7 +297,11 @@ class Channel:
         head = self.peek_nowait(4)
         if head is None:
             return None
-        return self.peek_nowait(sizes[_U32.unpack_from(head)[0]])
+        size = sizes[_U32.unpack_from(head)[0]]
+        start = self._start
+        if self._end - start >= size:  # the read brought the whole header (usually)
+            return self._view[start:start + size]
+        return self.peek_nowait(size)
 
     async def receive_u64(self) -> int:
         """The next 8 bytes as a big-endian u64 (cancellation-safe like :meth:`peek`)."""
