@@ -297,7 +297,11 @@ class Channel:
         head = self.peek_nowait(4)
         if head is None:
             return None
-        return self.peek_nowait(sizes[_U32.unpack_from(head)[0]])
+        size = sizes[_U32.unpack_from(head)[0]]
+        start = self._start
+        if self._end - start >= size:  # the read brought the whole header (usually)
+            return self._view[start:start + size]
+        return self.peek_nowait(size)
 
     async def receive_u64(self) -> int:
         """The next 8 bytes as a big-endian u64 (cancellation-safe like :meth:`peek`)."""
@@ -306,6 +310,27 @@ class Channel:
         (value,) = _U64.unpack_from(self._view, self._start)
         self._start += 8
         return int(value)
+
+    def take_u64_nowait(self) -> int | None:
+        """:meth:`receive_u64` if the 8 bytes are buffered already, else None (the
+        common case costs no coroutine)."""
+        start = self._start
+        if self._end - start < 8:
+            return None
+        self._start = start + 8
+        return int(_U64.unpack_from(self._view, start)[0])
+
+    def take_buffered_into(self, view: memoryview) -> int:
+        """Copy buffered bytes into ``view`` (as many as fit); returns the count (0 if
+        nothing is buffered)."""
+        start = self._start
+        n = self._end - start
+        if n > len(view):
+            n = len(view)
+        if n:
+            view[:n] = self._view[start:start + n]
+            self._start = start + n
+        return n
 
     def consume(self, n: int) -> None:
         """Drop ``n`` peeked bytes."""

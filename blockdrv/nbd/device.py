@@ -94,12 +94,14 @@ from .admission import Admission, AdmissionMonitor
 from .connection import ClientConnection, worth_retrying_open
 from .dispatch import MAX_SLOTS, Dispatcher, ReplyLost, Session, Slot
 from .handshake import HandshakeOptions, StreamFactory, connect_export
+from .locks import FifoMutex
 from .states import Event, State, next_state
 
 log = logging.getLogger("blockdrv.nbd")
 
 # Hot-path constants: looking up an enum member costs more than the check it is used in.
 _READ, _WRITE = Command.READ, Command.WRITE
+_READ_KEY, _WRITE_KEY = (_READ, 0), (_WRITE, 0)  # (command, flags) keys of _limits
 
 
 class _TransportFailure(Exception):
@@ -167,7 +169,7 @@ class NBDDevice(BlockNode):
         self._stream_factory = stream_factory
         self._socket_buffer_size = socket_buffer_size
 
-        self.send_mutex = trio.Lock()
+        self.send_mutex = FifoMutex()
         self._dispatch = Dispatcher(max_in_flight)
         self.receive_mutex = self._dispatch.receive_mutex
         self._state = AsyncValue(State.CONNECTING_NOWAIT)
@@ -405,7 +407,7 @@ class NBDDevice(BlockNode):
         self._admission.monitor = monitor
 
     def _may_admit(self, admitted: int) -> bool:
-        state = self._state.value
+        state = self._state._value  # (AsyncValue's getter, inlined: once a request)
         if state is State.CONNECTED:
             return admitted < self.max_in_flight
         return admitted == 0 or state is State.QUIT
@@ -544,11 +546,11 @@ class NBDDevice(BlockNode):
             header = encode_request(command, flags, slot.cookie, offset, length,
                                     extended=wire.extended)
             send_mutex = self.send_mutex
-            try:
-                send_mutex.acquire_nowait()  # free: the common case, no scheduler trip
-            except trio.WouldBlock:
+            if send_mutex.held:
                 slot.yielded = True
                 await send_mutex.acquire()
+            else:
+                send_mutex.held = True  # free: the common case, no scheduler trip
             try:
                 if session is not self._dispatch.live or channel.broken:
                     raise _TransportFailure("connection lost before sending")
@@ -668,8 +670,25 @@ class NBDDevice(BlockNode):
         self._pieces(Command.READ, offset, count)  # check before allocating
         return await super().pread(count, offset)
 
+    def _one_piece(self, key: tuple[Command, int], offset: int, count: int) -> bool:
+        """True if a request (command and flags ``key``) at ``offset`` of ``count``
+        bytes is allowed and fits in one piece, as far as the cheap checks tell: the
+        pair was allowed before, and the range is in bounds and aligned.  False means
+        "let :meth:`_pieces` decide" (split, check or raise)."""
+        limit = self._limits.get(key)
+        info = self._info
+        if limit is None or info is None or count > limit or offset < 0:
+            return False
+        align = info.min_block
+        return offset + count <= info.size and not offset % align and not count % align
+
     async def _do_pread_into(self, buf: memoryview, offset: int,
                              holes: list[tuple[int, int]] | None = None) -> None:
+        if self._one_piece(_READ_KEY, offset, len(buf)):  # the common case
+            slot = await self._request(_READ, offset, len(buf), buffer=buf)
+            if holes is not None and slot.holes:
+                holes += slot.holes
+            return
         pos = 0
         for at, n in self._pieces(_READ, offset, len(buf)):
             slot = await self._request(_READ, at, n, buffer=buf[pos:pos + n])
@@ -678,6 +697,10 @@ class NBDDevice(BlockNode):
             pos += n
 
     async def _do_pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
+        if not fua and self._one_piece(_WRITE_KEY, offset, len(buf)):  # the common case
+            await self._request(_WRITE, offset, len(buf), payload=buf)
+            self._stats["bytes_written"] += len(buf)
+            return
         flags = CommandFlag.FUA if fua else 0
         pos = 0
         for at, n in self._pieces(_WRITE, offset, len(buf), flags):

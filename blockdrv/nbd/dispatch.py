@@ -47,6 +47,7 @@ from ..protocol.export import ExportInfo
 from ..protocol.replies import READ_DATA, READ_OFFSET, READ_PAYLOAD, ReplyCursor
 from ..protocol.wire import ReplyHeader, decode_reply_header, reply_header_sizes
 from ..transport import DEFAULT_READ_AHEAD, Channel
+from .locks import FifoMutex
 
 CHECKPOINT_CHUNKS = 16
 """A request consuming a reply checkpoints after this many chunks of it."""
@@ -110,7 +111,7 @@ class Dispatcher:
         self.slots: list[Slot | None] = [None] * max_in_flight
         self.live: Session | None = None  # the connection that is up (None: none is)
         self.current: ReplyHeader | None = None  # qemu's s->reply
-        self.receive_mutex = trio.Lock()
+        self.receive_mutex = FifoMutex()
         self.sleepers = 0  # slots asleep until woken
         self.bytes_read = 0  # READ bytes delivered to callers (data and holes)
         self.hole_bytes_read = 0  # of which delivered as holes (no payload)
@@ -151,15 +152,6 @@ class Dispatcher:
         if self.slots[index] is slot:
             self.slots[index] = None
 
-    def _owner(self, header: ReplyHeader, session: Session) -> Slot:
-        cookie = header.cookie
-        index = (cookie & _SLOT_MASK) - 1
-        if 0 <= index < len(self.slots):
-            owner = self.slots[index]
-            if owner is not None and owner.cookie == cookie and owner.session is session:
-                return owner
-        raise ProtocolError(f"server replied with unknown cookie {cookie:#x}")
-
     # --- receiving ------------------------------------------------------------------
 
     async def receive(self, slot: Slot) -> None:
@@ -177,7 +169,10 @@ class Dispatcher:
                 step = cursor.begin(header)  # the owner checks its own chunks, once each
             # What the chunk carries, as the cursor asks (inlined: one per reply).
             if step == READ_OFFSET:
-                cursor.data_offset(await channel.receive_u64())  # a peek, then consumed
+                offset = channel.take_u64_nowait()  # usually buffered with the header
+                if offset is None:
+                    offset = await channel.receive_u64()  # a peek, then consumed
+                cursor.data_offset(offset)
                 step = cursor.step
             if step == READ_DATA:
                 buffer = slot.buffer
@@ -188,7 +183,10 @@ class Dispatcher:
                             memoryview(scratch)[:min(cursor.left, len(scratch))])
                     else:
                         at = cursor.at
-                        n = await channel.receive_some_into(buffer[at:at + cursor.left])
+                        view = buffer[at:at + cursor.left]
+                        # What was read ahead first, without a coroutine; then the socket.
+                        n = channel.take_buffered_into(view) or \
+                            await channel.receive_some_into(view)
                         self.bytes_read += n
                     cursor.data_read(n)
             elif step == READ_PAYLOAD:
@@ -212,11 +210,11 @@ class Dispatcher:
                 await self._sleep(slot)  # someone else's reply is being consumed
                 continue
             receive_mutex = self.receive_mutex
-            if receive_mutex.locked():
+            if receive_mutex.held:
                 await self._sleep(slot)  # someone is reading the next header
                 continue
             # Free, and nothing awaited since the checks above: they still hold.
-            receive_mutex.acquire_nowait()
+            receive_mutex.held = True  # (acquire_nowait, inlined: nobody can wait)
             try:
                 try:
                     raw = await slot.session.channel.peek_framed(slot.session.sizes)
@@ -229,7 +227,7 @@ class Dispatcher:
                 if owner is not slot:
                     self._wake(owner)
             finally:
-                receive_mutex.release()
+                receive_mutex.held = False  # (release, inlined: nobody parks on it)
 
     def _take_header(self, session: Session, raw: memoryview) -> Slot | None:
         """Consume the header peeked in ``raw`` from ``session`` and make it current;
@@ -243,7 +241,11 @@ class Dispatcher:
         session.channel.consume(len(raw))
         if session is not self.live:
             return None
-        owner = self._owner(header, session)
+        cookie = header.cookie  # its owner (_owner, inlined: once a reply)
+        index = (cookie & _SLOT_MASK) - 1
+        owner = self.slots[index] if 0 <= index < len(self.slots) else None
+        if owner is None or owner.cookie != cookie or owner.session is not session:
+            raise ProtocolError(f"server replied with unknown cookie {cookie:#x}")
         self.current = header
         return owner
 
@@ -318,7 +320,7 @@ class Dispatcher:
         """A request leaves: if the stream is free and someone sleeps waiting for a
         reply, read the next header now if it is already here and wake its owner; else
         wake one sleeper to read it.  Raises ProtocolError for a bad header."""
-        if self.current is not None or self.receive_mutex.locked() or not self.sleepers:
+        if self.current is not None or self.receive_mutex.held or not self.sleepers:
             return  # someone has the stream, or nobody waits (a later request reads)
         live = self.live
         if live is not None:

@@ -370,7 +370,7 @@ class ReplyCursor(ReplyState):
         """The offset of the OFFSET_DATA chunk begun: its data comes next (READ_DATA)."""
         assert self.step == READ_OFFSET and self.header is not None
         size = self.header.length - 8
-        self.at, self.left, self.step = self.data(offset, size), size, READ_DATA
+        self.at, self.left, self.step = self._place(offset, size, "data chunk"), size, READ_DATA
 
     def data_read(self, n: int) -> None:
         """``n`` more bytes of READ data arrived (at ``at``)."""

@@ -206,21 +206,26 @@ def reply_header_sizes(*, structured: bool, extended: bool) -> ReplyHeaderSizes:
     return _HEADER_SIZES[(structured, extended)]
 
 
+_new_header = tuple.__new__
+"""Builds a ReplyHeader from all seven fields without NamedTuple's Python-level
+``__new__`` (decode_reply_header runs once per reply)."""
+
+
 def decode_reply_header(data: bytes | bytearray | memoryview) -> ReplyHeader:
     """Parse a whole reply header (size from :func:`reply_header_size`)."""
     n = len(data)
     if n == SIMPLE_REPLY_SIZE:
         magic, error, cookie = _SIMPLE_REPLY.unpack(data)
         if magic == SIMPLE_REPLY_MAGIC:
-            return ReplyHeader(magic, cookie, ReplyFlag.DONE, SIMPLE_TYPE, 0, error)
+            return _new_header(ReplyHeader, (magic, cookie, _DONE, SIMPLE_TYPE, 0, error, 0))
     elif n == STRUCTURED_REPLY_SIZE:
         magic, flags, type_, cookie, length = _STRUCTURED_REPLY.unpack(data)
         if magic == STRUCTURED_REPLY_MAGIC:
-            return ReplyHeader(magic, cookie, flags, type_, length)
+            return _new_header(ReplyHeader, (magic, cookie, flags, type_, length, 0, 0))
     elif n == EXTENDED_REPLY_SIZE:
         magic, flags, type_, cookie, offset, length = _EXTENDED_REPLY.unpack(data)
         if magic == EXTENDED_REPLY_MAGIC:
-            return ReplyHeader(magic, cookie, flags, type_, length, 0, offset)
+            return _new_header(ReplyHeader, (magic, cookie, flags, type_, length, 0, offset))
     else:
         raise ProtocolError(f"reply header of {n} bytes")
     raise ProtocolError(f"bad reply magic 0x{_U32.unpack_from(data)[0]:08x}")
