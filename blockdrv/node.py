@@ -330,8 +330,6 @@ class BlockNode(abc.ABC):
 
         Raises: as :meth:`pread`.
         """
-        if self._drains.value:
-        """Write ``buf`` at ``offset``; ``buf`` must not change until this returns."""
         if self._drains._value:  # (the getter, inlined)
             await self._gate()
         in_flight = self.in_flight

@@ -25,12 +25,9 @@ def run_script(script: str, tmp_path: Path, *args: str, timeout: float = 120) ->
 
 
 def test_bench_server_smoke(tmp_path):
-    result = run_script("bench_server.py", tmp_path, "--size", "8M", "--runs", "1")
-    assert set(result["mib_s"]) == {"embedded", "nbdkit", "proxy"}
-    assert result["ratio"] > 0 and result["proxy_ratio"] > 0
     result = run_script("bench_server.py", tmp_path, "--size", "8M", "--runs", "1",
                         "--count", "256")
-    servers = {"embedded", "nbdkit"}
+    servers = {"embedded", "nbdkit", "proxy"}
     volume_mib = {"nbdcopy": 8, "qemu-img bench": 256 * 64 / 1024}
     assert set(result["clients"]) == set(result["rates"]) == set(volume_mib)
     for client, by_server in result["clients"].items():
@@ -44,6 +41,7 @@ def test_bench_server_smoke(tmp_path):
     assert result["runs"] == result["clients"]["nbdcopy"]
     assert result["mib_s"] == result["rates"]["nbdcopy"]
     assert result["ratio"] == result["ratios"]["nbdcopy"] > 0
+    assert result["proxy_ratio"] > 0
 
 
 def test_reconnect_recovery_smoke(tmp_path):
