@@ -26,10 +26,10 @@ from support.streams import WrappedStream
 
 import blockdrv
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, aio
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 BLOCK = 65536
 
 

@@ -29,10 +29,10 @@ from blockdrv.server import NBDServer
 from blockdrv.server.node_backend import node_export
 from blockdrv.server.upstream import UpstreamOptions, open_upstream
 from blockdrv.tools.opening import ClientOptions
+from blockdrv.units import MiB
 
 pytestmark = pytest.mark.interop
 
-MiB = 1024 * 1024
 DISK = 64 * MiB
 DATA = [(0, 4 * MiB), (10 * MiB, 8 * MiB), (30 * MiB, MiB), (40 * MiB, 16 * MiB)]
 DATA_BYTES = sum(n for _, n in DATA)
