@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import faulthandler
 import json
 import os
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 from support.cli import blockdrv as command
+from support.deadline import process_deadline
 from support.peers import Nbdkit, QemuNbd, sparse_image
 from support.streams import WrappedStream
 
@@ -35,9 +35,8 @@ BLOCK = 65536
 
 @pytest.fixture(autouse=True)
 def deadline():
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    with process_deadline(90):
+        yield
 
 
 def run(main: Callable[[], Awaitable[Any]], timeout: float = 60) -> Any:

@@ -16,7 +16,7 @@ async def test_fifo_mutex_serves_waiters_in_order_and_newcomers_never_overtake()
     async def waiter(n: int) -> None:
         async with mutex:
             order.append(n)
-            await trio.sleep(0)  # hold it across a checkpoint
+            await trio.lowlevel.checkpoint()  # hold it across a checkpoint
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:

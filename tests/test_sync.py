@@ -7,12 +7,12 @@ fixture makes a hang fail fast instead (faulthandler dumps every thread and exit
 from __future__ import annotations
 
 import errno
-import faulthandler
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support.deadline import process_deadline
 from support.peers import EmbeddedServer, Nbdkit
 
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, sync
@@ -26,9 +26,8 @@ BLOCK = 65536
 
 @pytest.fixture(autouse=True)
 def deadline():
-    faulthandler.dump_traceback_later(60, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    with process_deadline(60):
+        yield
 
 
 @pytest.mark.parametrize("server", ["embedded", "nbdkit"])
