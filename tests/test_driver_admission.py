@@ -142,3 +142,50 @@ async def test_waiters_cancelled_together_leave_no_phantom_places():
             nursery.cancel_scope.cancel()
         assert admission.admitted == 0 and admission.waiting == 0
         assert admission.try_enter()  # and it is there for the next request
+
+
+async def test_admission_tells_the_monitor_who_got_the_place():
+    """The monitor hears of a hand-over in the leaving task, naming the waiter, before
+    the waiter runs (blockdrv-fuzz times admission waits by it)."""
+    admission = Admission(lambda admitted: admitted < 1)
+    events: list[tuple[str, object]] = []
+
+    class Recorder:
+        def entered(self, overtaken: int) -> None:
+            events.append(("entered", trio.lowlevel.current_task()))
+
+        def parked(self) -> object:
+            return trio.lowlevel.current_task()
+
+        def handed_over(self, task: trio.lowlevel.Task) -> None:
+            events.append(("handed_over", task))
+
+        def granted(self, token: object) -> None:
+            events.append(("granted", token))
+
+        def abandoned(self, token: object) -> None:
+            events.append(("abandoned", token))
+
+        def left(self) -> None:
+            events.append(("left", trio.lowlevel.current_task()))
+
+        def rule_changed(self) -> None:
+            events.append(("rule_changed", None))
+
+    admission.monitor = Recorder()
+    waiter: list[trio.lowlevel.Task] = []
+
+    async def wait_for_a_place() -> None:
+        waiter.append(trio.lowlevel.current_task())
+        await admission.enter()
+        admission.leave()
+
+    with trio.fail_after(5):
+        assert admission.try_enter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_a_place)
+            await trio.testing.wait_all_tasks_blocked()
+            admission.leave()
+            me = trio.lowlevel.current_task()
+            assert events == [("entered", me), ("left", me), ("handed_over", waiter[0])]
+    assert events[3:] == [("granted", waiter[0]), ("left", waiter[0])]

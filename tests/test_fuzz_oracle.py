@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from blockdrv import ConnectionLostError, ProtocolError, RequestError, State
+from blockdrv.fuzz.availability import Availability
 from blockdrv.fuzz.config import DEFAULT_FAULTS, HOSTILE_FAULTS, FuzzConfig, parse_faults
 from blockdrv.fuzz.model import Model
 from blockdrv.fuzz.monitors import FairnessMonitor, MemoryMonitor, StepTimer
@@ -49,6 +50,8 @@ def test_a_failed_write_makes_its_range_unknown_not_a_violation():
     (ConnectionLostError("gone"), Circumstances(cancel_in_flight=True), True),
     (ConnectionLostError("gone"), Circumstances(cancel_in_flight=True, delay_expired=True),
      False),
+    (ConnectionLostError("gone"), Circumstances(delay_expired=True,
+                                                unreachable_throughout=True), True),
     (ConnectionLostError("gone"), Circumstances(state=State.QUIT, protocol_faults=2), True),
     (ValueError("drain"), Circumstances(protocol_faults=3, errors_injected=True), False),
 ])
@@ -109,6 +112,90 @@ async def test_fairness_monitor_reports_overtakes_and_long_waits(autojump_clock)
     before = len(found)
     monitor.granted(token)
     assert len(found) == before and monitor.wait_max == 30
+
+
+async def test_fairness_bound_counts_the_places_held_throughout(autojump_clock):
+    """A request stuck in flight (a stalled reply) holds its place for the whole wait,
+    so fewer places turn over: its age, not only the service times of the requests that
+    left, sets the bound.  (Under load, the bound without it fired on fair runs.)"""
+    found: list[tuple[str, str, str, str]] = []
+    monitor = FairnessMonitor(2, lambda *v: found.append(v))
+    stuck_may_leave = trio.Event()
+
+    async def stuck() -> None:
+        monitor.entered(0)
+        await stuck_may_leave.wait()
+        monitor.left()
+
+    async def short(seconds: float) -> None:
+        monitor.entered(0)
+        await trio.sleep(seconds)
+        monitor.left()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stuck)
+        nursery.start_soon(short, 1)
+        await trio.sleep(0.5)
+        token = monitor.parked()  # both places taken: wait
+        await trio.sleep(9.5)  # the short one left long ago; the place went elsewhere
+        nursery.start_soon(short, 1)
+        await trio.sleep(1)
+        monitor.granted(token)  # after 10 s: 1 round of the stuck request's 10.5 s
+        stuck_may_leave.set()
+    assert found == [], found
+    # The same wait with nothing held throughout breaks the bound.
+    token = monitor.parked()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(short, 1)
+    await trio.sleep(9)
+    monitor.granted(token)
+    assert len(found) == 1 and "waited 10.00 s" in found[0][2]
+
+
+async def test_fairness_wait_ends_when_the_place_is_handed_over(autojump_clock):
+    """A busy machine may run a woken waiter late: its wait ends at the hand-over."""
+    found: list[tuple[str, str, str, str]] = []
+    monitor = FairnessMonitor(1, lambda *v: found.append(v))
+    token = monitor.parked()
+
+    async def served_for(seconds: float) -> None:
+        monitor.entered(0)
+        await trio.sleep(seconds)
+        monitor.left()
+        monitor.handed_over(waiter)  # as Admission.grant does, in the leaving task
+
+    waiter = trio.lowlevel.current_task()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(served_for, 1)
+    await trio.sleep(20)  # the wake-up comes late
+    monitor.granted(token)
+    assert found == [] and monitor.wait_max == 1
+
+
+async def test_availability_explains_a_delay_only_when_faults_cover_all_of_it(
+        autojump_clock):
+    """Faults one after another (a kill until the server is back, a stall, connections
+    broken) may cover a whole reconnect delay; one moment left uncovered may not."""
+    away = Availability(slack=1.0, horizon=20)
+    away.down()  # killed at 0 ...
+    await trio.sleep(3)
+    assert away.unreachable_throughout(3)  # (still down: covered up to now)
+    away.up()  # ... back at 3: away until 4
+    await trio.sleep(0.5)
+    away.broken(2.0)  # a stall at 3.5: away until 6.5
+    await trio.sleep(3)
+    away.broken()  # a reset at 6.5: away until 7.5
+    await trio.sleep(1)
+    assert away.unreachable_throughout(7.5)
+    assert not away.unreachable_throughout(8)  # nothing before 0
+    await trio.sleep(0.5)  # 8: the server has been reachable since 7.5
+    assert not away.unreachable_throughout(7.5)
+    away.broken()
+    await trio.sleep(0.4)
+    assert away.unreachable_throughout(0.4) and not away.unreachable_throughout(0.6)
+    await trio.sleep(30)  # past the horizon: the old intervals are forgotten
+    away.broken()
+    assert len(away._intervals) == 1
 
 
 def test_memory_monitor_budget_follows_the_requests_in_flight():

@@ -2,23 +2,21 @@
 defect as it once shipped), runs a short fuzz run, expects the right violation, writes
 the reproducer, and replays it (``blockdrv-fuzz --replay``) to the same violation.
 
-The runs are in-process (``FuzzRun``, and the command through click's runner) so the
-planted bug, a monkeypatch, applies to both.
+Each run is a child process that plants the bug (a monkeypatch) and then runs
+``FuzzRun`` or the command.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
-from click.testing import CliRunner
 
-from blockdrv.fuzz.cli import main
-from blockdrv.fuzz.config import FuzzConfig
-from blockdrv.fuzz.runner import FuzzRun
-from blockdrv.nbd import admission, dispatch
+from blockdrv.nbd import admission, connection, dispatch
 from blockdrv.protocol import negotiate, replies
 from blockdrv.units import MiB
 
@@ -84,6 +82,23 @@ def plant_unbounded_list_collection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(negotiate, "MAX_LIST_BYTES", 1 << 62)
 
 
+def plant_late_reconnect_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconnect worker that waits 12 s before each attempt after the first (as if
+    it backed off past ``retry_max``): it misses the server's return, and the
+    reconnect delay expires."""
+    original = connection.ClientConnection.__init__
+
+    def __init__(self, attempt, *args, **kwargs):  # type: ignore[no-untyped-def]
+        async def late_attempt():  # type: ignore[no-untyped-def]
+            if self.attempts > 1:
+                await trio.sleep(12)  # longer than the reconnect delay (8 s)
+            return await attempt()
+
+        original(self, late_attempt, *args, **kwargs)
+
+    monkeypatch.setattr(connection.ClientConnection, "__init__", __init__)
+
+
 CASES = {
     "fairness": (plant_newcomers_jump_the_queue,
                  dict(faults=(), ops=3000)),
@@ -98,30 +113,56 @@ CASES = {
     "memory": (plant_unbounded_list_collection,
                dict(faults=("flood",), duration=20, fault_interval=0.3,
                     flood_bytes=256 * MiB, rss_allowance=96 * MiB)),
+    # Kills alone, a few seconds apart: the server is back long before the delay ends.
+    "no unexplained failure": (plant_late_reconnect_attempts,
+                               dict(faults=("kill",), duration=15, fault_interval=4,
+                                    reconnect_delay=8, max_outage=1)),
 }
 
 
-@pytest.mark.parametrize("invariant", list(CASES))
-def test_the_fuzzer_catches_the_planted_bug(invariant, monkeypatch, tmp_path: Path):
-    plant, options = CASES[invariant]
-    plant(monkeypatch)
-    config = FuzzConfig(seed=7, size=8 * MiB, **options)  # type: ignore[arg-type]
-
-    async def run():  # type: ignore[no-untyped-def]
-        with trio.fail_after(240):
-            return await FuzzRun(config).run()
-
-    result = trio.run(run)
-    caught = [v for v in result.violations if v.invariant == invariant]
-    assert caught, (invariant, result.violations[:3], result.summary())
-    reproducer = tmp_path / "repro.json"
+# Each run is a fresh process with the bug planted: the memory invariant measures the
+# resident set, which an earlier run in the same process (or an earlier test) leaves
+# grown and fragmented, so later growth could reuse freed pages and go unseen.
+CHILD = """
+import json, sys
+import pytest, trio
+sys.path.insert(0, sys.argv[1])
+from test_fuzz_planted import CASES
+from blockdrv.fuzz.cli import main
+from blockdrv.fuzz.config import FuzzConfig
+from blockdrv.fuzz.runner import FuzzRun
+invariant, reproducer, report = sys.argv[2:5]
+plant, options = CASES[invariant]
+plant(pytest.MonkeyPatch())
+if sys.argv[5] == "run":
+    result = trio.run(FuzzRun(FuzzConfig(seed=7, size=8 << 20, **options)).run)
     result.write_reproducer(reproducer)
-    assert json.loads(reproducer.read_text())["config"]["seed"] == 7
+    with open(report, "w") as out:
+        json.dump(result.summary(), out)
+    sys.exit(0 if result.ok else 1)
+main(["--replay", reproducer, "--quiet", "--json", report,
+      "--reproducer", reproducer + ".again"])
+"""
 
-    report = tmp_path / "again.json"
-    again = CliRunner().invoke(main, ["--replay", str(reproducer), "--quiet", "--json",
-                                      str(report), "--reproducer",
-                                      str(tmp_path / "again-repro.json")])
-    assert again.exit_code == 1, again.output
-    replayed = json.loads(report.read_text())["violations"]
+
+def run_planted(invariant: str, mode: str, tmp_path: Path) -> list[dict]:
+    """A fuzz run (``run``) or ``--replay`` of its reproducer, with the bug planted, in
+    a child process; returns the violations it reported, having checked it failed."""
+    report = tmp_path / f"{mode}.json"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(Path(__file__).parent), invariant,
+         str(tmp_path / "repro.json"), str(report), mode],
+        capture_output=True, text=True, timeout=240)
+    assert child.returncode == 1, (mode, child.returncode, child.stdout[-2000:],
+                                   child.stderr[-2000:])
+    violations: list[dict] = json.loads(report.read_text())["violations"]
+    return violations
+
+
+@pytest.mark.parametrize("invariant", list(CASES))
+def test_the_fuzzer_catches_the_planted_bug(invariant, tmp_path: Path):
+    caught = run_planted(invariant, "run", tmp_path)
+    assert any(v["invariant"] == invariant for v in caught), caught[:3]
+    assert json.loads((tmp_path / "repro.json").read_text())["config"]["seed"] == 7
+    replayed = run_planted(invariant, "replay", tmp_path)
     assert any(v["invariant"] == invariant for v in replayed), replayed[:3]

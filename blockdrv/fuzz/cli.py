@@ -40,7 +40,9 @@ def _table(result: FuzzResult) -> Table:
     table.add_row("faults injected", f"{summary['faults_injected']}: "
                                      f"{counts(summary['faults_by_kind'])}")
     table.add_row("reconnects", f"{summary['reconnects']} (device reopened "
-                                f"{summary['reopens']}x after malformed replies)")
+                                f"{summary['reopens']}x after malformed replies; "
+                                f"reconnect_delay outlasted by fault storms "
+                                f"{summary['delay_expiries_explained']}x)")
     table.add_row("drains / graph changes", f"{summary['drains']} / "
                                             f"{summary['graph_changes']}")
     lat = summary["latency"]

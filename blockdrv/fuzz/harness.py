@@ -19,6 +19,7 @@ import trio
 from trio_util import AsyncValue
 
 from ..protocol.uri import NBDAddress, parse_uri
+from .availability import Availability
 from .config import FuzzConfig
 from .servers import CommandServer, Peer, file_server
 
@@ -49,9 +50,11 @@ def make_server(config: FuzzConfig, directory: Path, image: Path) -> Peer:
 class ServerHarness:
     """One server process for the length of a run (see the module docstring)."""
 
-    def __init__(self, server: Peer, on_crash: Callable[[str], None]) -> None:
+    def __init__(self, server: Peer, on_crash: Callable[[str], None],
+                 availability: Availability) -> None:
         self.server = server
         self.on_crash = on_crash
+        self.availability = availability  # told when the server is down and up again
         self.crashes: list[str] = []
         self.starts = AsyncValue(0)  # restarts so far (the watcher follows them)
 
@@ -72,12 +75,14 @@ class ServerHarness:
         self.server.start()
         self.starts.value += 1
         await self.server.wait_ready()
+        self.availability.up()
 
     def kill(self) -> None:
         """kill -9 now (a crash just before it still counts as one)."""
         process = self.server.process
         if process is not None and process.poll() is not None:
             self._crashed(process, elapsed_note="")
+        self.availability.down()
         self.server.kill()
 
     def stop(self) -> None:
@@ -97,6 +102,7 @@ class ServerHarness:
                 started = trio.current_time()
                 await _process_exit(process)
                 if server.process is process and server.running:
+                    self.availability.down()
                     self._crashed(process, elapsed_note=f" at {elapsed():.1f}s")
                     quick = quick + 1 if trio.current_time() - started < 1.0 else 0
                     if quick >= 3:  # it cannot even start: no point in going on

@@ -35,6 +35,20 @@ if TYPE_CHECKING:
     from .runner import FuzzRun
 
 _FLOOD_WHERE = ("reply", "handshake", "list", "contexts")
+_BREAKS_A_CONNECTION = ("cut", "reset", "malformed", "duplicate", "flood",
+                        "unrequested-context")
+
+
+def keeps_the_server_away(kind: str, params: dict[str, Any]) -> float | None:
+    """For how long a fault keeps the device from (re)connecting; None if it does not.
+    (A kill is the harness's to tell: from the kill until the server is back.)"""
+    if kind in _BREAKS_A_CONNECTION:
+        return 0.0
+    if kind == "stall":
+        return float(params["seconds"])
+    if kind == "slowloris":
+        return float(params["bytes"] / params["piece"] * params["delay"])
+    return None
 
 
 class Injector:
@@ -109,6 +123,9 @@ class Injector:
         run = self.run
         proxy, harness = run.proxy, run.harness
         run.record({"fault": kind, "params": params})
+        away = keeps_the_server_away(kind, params)
+        if away is not None:
+            run.availability.broken(away)
         if kind == "kill":
             harness.kill()
             run.result.faults_by_kind["kill"] += 1

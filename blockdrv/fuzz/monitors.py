@@ -22,8 +22,11 @@ measured beside the workload:
 - *Fairness.*  :class:`FairnessMonitor` implements the driver's ``AdmissionMonitor``:
   a request admitted while older ones wait is an *overtake* (FIFO allows none); a
   request that waited ``w`` seconds while ``k`` others were admitted must have
-  ``w <= ceil((k + 1) / max_in_flight) * s + margin``, ``s`` being the longest service
-  time of an operation so far: each of those ``k`` held a place for at most ``s``.
+  ``w <= ceil((k + 1) / max_in_flight) * s + margin``, ``s`` being the longest time
+  any request held a place during the wait: the service time of those that left, the
+  age of those still in (a request stuck behind a stalled reply holds its place
+  throughout, and fewer places turn over).  Each place turns over at least once every
+  ``s``, and FIFO hands each freed place to the oldest waiter.
 """
 
 from __future__ import annotations
@@ -190,13 +193,25 @@ class FairnessMonitor:
         self.wait_max = 0.0
         self.rule_changes = 0
         self._admitted_at: dict[trio.lowlevel.Task, float] = {}
+        self._handed_at: dict[trio.lowlevel.Task, float] = {}  # woken, not yet run
         self._services: list[float] = []  # of requests that left while someone waited
         self._services_base = 0  # how many were dropped from the front
         self._waiting = 0
 
-    def _admitted(self) -> None:
+    def _admitted(self) -> float:
+        """Count the current task in; returns when it got its place."""
+        task = trio.lowlevel.current_task()
+        at = self._handed_at.pop(task, None)
+        if at is None:
+            at = trio.current_time()
         self.admissions += 1
-        self._admitted_at[trio.lowlevel.current_task()] = trio.current_time()
+        self._admitted_at[task] = at
+        return at
+
+    def handed_over(self, task: trio.lowlevel.Task) -> None:
+        # The place is the waiter's from now on, however late it runs: a busy machine
+        # delays its wake-up, which is neither a wait for admission nor service time.
+        self._handed_at[task] = trio.current_time()
 
     def entered(self, overtaken: int) -> None:
         self._admitted()
@@ -217,14 +232,18 @@ class FairnessMonitor:
     def granted(self, token: object) -> None:
         assert isinstance(token, tuple)
         arrived, admissions_then, services_from, rules_then = token
-        self._admitted()
-        waited = trio.current_time() - arrived
+        now = self._admitted()
+        waited = now - arrived
         self.wait_max = max(self.wait_max, waited)
         if rules_then == self.rule_changes:
             meanwhile = self.admissions - 1 - admissions_then
-            served = self._services[services_from - self._services_base:]
+            # Every place was held meanwhile by a request that has left (its service
+            # time) or is still in (its age so far): the longest of both is s.
+            longest = max(max(self._services[services_from - self._services_base:],
+                              default=0.0),
+                          max(now - admitted for admitted in self._admitted_at.values()))
             rounds = math.ceil((meanwhile + 1) / self.max_in_flight)
-            bound = rounds * max(served, default=0.0) + self.margin
+            bound = rounds * longest + self.margin
             if waited > bound:
                 self.report("admission", f"admitted within {bound:.2f} s ({rounds} "
                             f"round(s) of the longest service time, {meanwhile} admitted "

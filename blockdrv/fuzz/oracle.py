@@ -12,8 +12,9 @@ the device or the server, so every rule can be unit-tested with made-up outcomes
 2. acknowledged writes survive (the model is never reset; the final read-back uses 1);
 3. a failure needs an explanation (:class:`Circumstances`): an injected error, a
    protocol-breaking fault since the device was opened (a ProtocolError), a
-   ``cancel_in_flight()``; drains, graph changes and an expired reconnect delay are never
-   explanations;
+   ``cancel_in_flight()``; an expired reconnect delay only when faults kept the server
+   unreachable for all of it (:mod:`~blockdrv.fuzz.availability`); drains and graph
+   changes never;
 4. every operation ends within its bound (``reconnect_delay`` + the longest stall + a
    margin) and a cancelled one within its deadline + ``cancel_timeout`` + a margin;
 5. identity: a late or repeated reply never shows up as data (1 catches it), only as a
@@ -47,6 +48,7 @@ class Circumstances:
     cancel_in_flight: bool = False  # cancel_in_flight() was called while it ran
     state: State = State.CONNECTED  # the device's state when it failed
     delay_expired: bool = False  # the device's reconnect delay ever expired
+    unreachable_throughout: bool = False  # faults kept the server away for the last delay
 
 
 class Oracle:
@@ -102,7 +104,8 @@ class Oracle:
             return "injected error" if around.errors_injected else None
         if isinstance(exc, ConnectionLostError):
             if around.delay_expired:
-                return None
+                return ("the reconnect delay expired: faults kept the server unreachable "
+                        "throughout" if around.unreachable_throughout else None)
             if around.cancel_in_flight:
                 return "cancel_in_flight() while reconnecting"
             if around.state is State.QUIT and around.protocol_faults:

@@ -75,6 +75,7 @@ class FuzzResult:
     faults_by_kind: Counter[str] = field(default_factory=Counter)
     reconnects: int = 0
     reopens: int = 0
+    delay_expiries_explained: int = 0  # faults kept the server away for all of the delay
     drains: int = 0
     graph_changes: int = 0
     latencies: array[float] = field(default_factory=lambda: array("d"))
@@ -116,6 +117,7 @@ class FuzzResult:
             "faults_by_kind": dict(self.faults_by_kind),
             "reconnects": self.reconnects,
             "reopens": self.reopens,
+            "delay_expiries_explained": self.delay_expiries_explained,
             "drains": self.drains,
             "graph_changes": self.graph_changes,
             "concurrency": self.config.concurrency,

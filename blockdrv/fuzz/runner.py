@@ -14,7 +14,9 @@ with a ``reconnect_delay`` longer than any outage the run causes.  Then, concurr
   :class:`~blockdrv.fuzz.oracle.Oracle`, which checks it against the model;
 - the :class:`~blockdrv.fuzz.injectors.Injector`'s fault and chaos tasks;
 - a supervisor that reopens the device after a protocol-breaking fault has (rightly)
-  killed it;
+  killed it, and judges each expiry of the reconnect delay when it happens: only faults
+  that kept the server unreachable for all of the delay explain one
+  (:mod:`~blockdrv.fuzz.availability`);
 - the monitors (:mod:`~blockdrv.fuzz.monitors`): event-loop liveness, memory, fairness;
   and a watchdog that turns any hang into a report with every task's position.
 
@@ -39,6 +41,7 @@ from trio_util import AsyncValue
 from ..nbd import Device, MultiConnDevice, NBDDevice, State, open_nbd
 from ..protocol.errors import ConnectionLostError, NBDError, ProtocolError, RequestError
 from ..taskgroups import first_failure
+from .availability import Availability
 from .config import PROTOCOL_BREAKING, FuzzConfig, MiB
 from .harness import ServerHarness, make_server
 from .injectors import Injector
@@ -50,6 +53,7 @@ from .records import FuzzResult, Op, Violation
 from .servers import sparse_image
 from .watchdog import Watchdog
 
+RETRY_MAX = 1.0  # the device's longest wait between connection attempts
 OP_KINDS = ("read", "write", "zero", "trim", "flush", "block_status")
 _OP_WEIGHTS = (35, 35, 8, 7, 5, 10)
 
@@ -135,8 +139,13 @@ class FuzzRun:
         self.running: dict[int, float] = {}  # op index -> start, oldest first
         self.held = 0  # bytes of the operations in flight
         self.fairness: list[FairnessMonitor] = []
+        self._expiries_judged: dict[NBDDevice, int] = {}  # member -> delay expiries seen
         self.loop = LoopMonitor(config.lag_limit, self.report, self.elapsed)
         self.memory = MemoryMonitor(config.rss_allowance, self.report)
+        # A fault keeps the device away for its own length, plus one retry interval and
+        # one handshake (a loaded machine may need a second for that).
+        self.availability = Availability(slack=RETRY_MAX + 2.0,
+                                         horizon=config.reconnect_delay + 1)
         self.loop.memory = self.memory
         self.start = 0.0
         self.watchdog: Watchdog
@@ -181,7 +190,7 @@ class FuzzRun:
             directory = Path(tmp)
             image = sparse_image(directory / "disk.img", self.config.size)
             self._harness = ServerHarness(make_server(self.config, directory, image),
-                                          self._server_crashed)
+                                          self._server_crashed, self.availability)
             try:
                 await self.harness.start()
                 self._proxy = FaultProxy(self.harness.address, directory)
@@ -264,8 +273,12 @@ class FuzzRun:
             try:
                 await self._one_device()
             except NBDError as exc:  # could not (re)open
-                if not (isinstance(exc, ProtocolError)
-                        and self._protocol_faults() > faults_before):
+                if isinstance(exc, ProtocolError) and self._protocol_faults() > faults_before:
+                    pass  # a protocol-breaking fault met the handshake
+                elif self.availability.unreachable_throughout(self.config.reconnect_delay):
+                    self.record({"event": "open timed out: the server was unreachable "
+                                          "throughout"})
+                else:
                     self.report("open the device", "opened within reconnect_delay "
                                 f"({self.config.reconnect_delay:g}s)",
                                 f"{exc}; server log: {self.harness.log()[-800:]!r}", "open")
@@ -282,7 +295,7 @@ class FuzzRun:
         config = self.config
         async with open_nbd(self.proxy.address, reconnect_delay=config.reconnect_delay,
                             open_timeout=config.reconnect_delay,
-                            retry_initial=0.1, retry_max=1.0,
+                            retry_initial=0.1, retry_max=RETRY_MAX,
                             max_in_flight=config.max_in_flight,
                             connections=config.connections, structured=config.structured,
                             cancel_timeout=config.cancel_timeout) as device:
@@ -299,6 +312,8 @@ class FuzzRun:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_quit, device, self.generation)
+                    for member in _members(device):
+                        nursery.start_soon(self._judge_delay_expiries, member)
                     await dead.wait()
                     nursery.cancel_scope.cancel()
             finally:
@@ -309,11 +324,31 @@ class FuzzRun:
         self.result.reconnects += stats.reconnects
         # Large writes cancelled while their payload was going out, finished in time.
         self.result.faults_by_kind["cancel-write"] += stats.sends_finished_cancelled
-        if stats.reconnect_delay_expired:
-            self.report("reconnect", f"back within reconnect_delay "
-                        f"({self.config.reconnect_delay:g}s)",
-                        f"the delay expired {stats.reconnect_delay_expired} time(s)",
-                        "no unexplained failure")
+        judged = sum(self._expiries_judged.pop(member, 0) for member in _members(device))
+        if stats.reconnect_delay_expired > judged:  # (expired as the device closed)
+            self._delay_expired(stats.reconnect_delay_expired - judged)
+
+    async def _judge_delay_expiries(self, member: NBDDevice) -> None:
+        """Judge each expiry of ``member``'s reconnect delay as it happens."""
+        while True:
+            await member.wait_state(State.CONNECTING_NOWAIT)
+            expired = member.statistics().reconnect_delay_expired
+            judged = self._expiries_judged.get(member, 0)
+            if expired > judged:
+                self._expiries_judged[member] = expired
+                self._delay_expired(expired - judged)
+            await member.wait_state(State.CONNECTED, State.CONNECTING_WAIT, State.QUIT)
+
+    def _delay_expired(self, times: int) -> None:
+        delay = self.config.reconnect_delay
+        if self.availability.unreachable_throughout(delay):
+            self.result.delay_expiries_explained += times
+            self.record({"event": f"reconnect_delay expired {times} time(s): the server "
+                                  "was unreachable throughout"})
+        else:
+            self.report("reconnect", f"back within reconnect_delay ({delay:g}s), the "
+                        "faults having left the server reachable for part of it",
+                        f"the delay expired {times} time(s)", "no unexplained failure")
 
     def _declare_dead(self, generation: int) -> None:
         """Device ``generation`` is dead: the supervisor replaces it (only that one: a
@@ -399,7 +434,9 @@ class FuzzRun:
                               or (device.state is State.CONNECTING_NOWAIT
                                   and self.injector.cancels_in_flight > 0)),
             state=device.state,
-            delay_expired=bool(device.statistics().reconnect_delay_expired))
+            delay_expired=bool(device.statistics().reconnect_delay_expired),
+            unreachable_throughout=self.availability.unreachable_throughout(
+                self.config.reconnect_delay))
         reason = self.oracle.failed(op, outcome, around)
         if reason is not None and isinstance(outcome, ProtocolError):
             self._declare_dead(generation)  # at once, not when _watch_quit next runs

@@ -33,7 +33,7 @@ import trio
 
 class AdmissionMonitor(Protocol):
     """Watches admission (blockdrv-fuzz's fairness checker implements this).  Every call
-    is made in the task of the request it is about."""
+    but ``handed_over`` is made in the task of the request it is about."""
 
     def entered(self, overtaken: int) -> None:
         """A request was admitted at once, passing ``overtaken`` waiting requests
@@ -43,8 +43,12 @@ class AdmissionMonitor(Protocol):
         """A request starts waiting; returns a token given back to ``granted`` or
         ``abandoned``."""
 
+    def handed_over(self, task: trio.lowlevel.Task) -> None:
+        """A place was handed to the waiting request ``task``, which runs later (called
+        in the task that made room)."""
+
     def granted(self, token: object) -> None:
-        """A waiting request was admitted."""
+        """A waiting request was admitted (it runs again)."""
 
     def abandoned(self, token: object) -> None:
         """A waiting request left without being admitted (it was cancelled)."""
@@ -119,9 +123,12 @@ class Admission:
     def grant(self, *, rule_changed: bool = False) -> None:
         """Admit the oldest waiters while the rule allows (call after any change that
         may make room: a request leaving, a state change: ``rule_changed``)."""
-        if rule_changed and self.monitor is not None:
-            self.monitor.rule_changed()
+        monitor = self.monitor
+        if rule_changed and monitor is not None:
+            monitor.rule_changed()
         queue = self._queue
         while queue and self._may_admit(self.admitted):
             self.admitted += 1
-            queue.unpark()
+            (woken,) = queue.unpark()
+            if monitor is not None:
+                monitor.handed_over(woken)
