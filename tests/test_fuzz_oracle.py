@@ -69,8 +69,12 @@ def test_durations_hangs_and_late_cancellations():
     assert found == []  # 0.5 + cancel_timeout (2) + 1 >= 3
     judge.duration(Op(3, "read", 0, 4096, cancel_after=0.5), 3.6, hung=False, cancelled=True)
     judge.duration(Op(4, "read", 0, 4096), 99.0, hung=True, cancelled=False)
+    # A storm kept the server away for all but 9.9 s of it: excused; for 10 s: not.
+    judge.duration(Op(5, "read", 0, 4096), 99.0, hung=True, cancelled=False, reachable=9.9)
+    judge.duration(Op(6, "read", 0, 4096), 99.0, hung=True, cancelled=False, reachable=10)
     assert [(v[0], v[3]) for v in found] == [("#3 read 0+4096", "deadline"),
-                                             ("#4 read 0+4096", "deadline")]
+                                             ("#4 read 0+4096", "deadline"),
+                                             ("#6 read 0+4096", "deadline")]
 
 
 def test_fault_specs():
@@ -152,6 +156,30 @@ async def test_fairness_bound_counts_the_places_held_throughout(autojump_clock):
     assert len(found) == 1 and "waited 10.00 s" in found[0][2]
 
 
+async def test_fairness_bound_while_reconnecting_has_one_place(autojump_clock):
+    """While the device reconnects, the rule admits one request at a time: five others
+    served in turn, a second each, are a fair 5 s wait, not 2 rounds of 4 places."""
+    found: list[tuple[str, str, str, str]] = []
+    connected = False
+    monitor = FairnessMonitor(4, lambda *v: found.append(v),
+                              places=lambda: 4 if connected else 1)
+    token = monitor.parked()
+    for _ in range(5):
+        monitor.entered(0)
+        await trio.sleep(1)
+        monitor.left()
+    monitor.granted(token)
+    assert found == [] and monitor.wait_max == 5
+    connected = True  # the same wait with four places is too long
+    token = monitor.parked()
+    for _ in range(5):
+        monitor.entered(0)
+        await trio.sleep(1)
+        monitor.left()
+    monitor.granted(token)
+    assert len(found) == 1 and "2 round(s)" in found[0][1]
+
+
 async def test_fairness_wait_ends_when_the_place_is_handed_over(autojump_clock):
     """A busy machine may run a woken waiter late: its wait ends at the hand-over."""
     found: list[tuple[str, str, str, str]] = []
@@ -193,6 +221,11 @@ async def test_availability_explains_a_delay_only_when_faults_cover_all_of_it(
     away.broken()
     await trio.sleep(0.4)
     assert away.unreachable_throughout(0.4) and not away.unreachable_throughout(0.6)
+    # 8.4: reachable in [7.5, 8] only, and before 0 (nothing recorded there)
+    assert away.reachable_for(8.4) == pytest.approx(0.5)
+    assert away.reachable_for(10.4) == pytest.approx(2.5)
+    await trio.sleep(1)  # 9.4: reachable since 9
+    assert away.reachable_for(9.4) == pytest.approx(0.9)
     await trio.sleep(30)  # past the horizon: the old intervals are forgotten
     away.broken()
     assert len(away._intervals) == 1

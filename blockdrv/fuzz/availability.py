@@ -18,6 +18,10 @@ one handshake.  An expired reconnect delay (or an open that timed out) is explai
 only if these intervals cover the whole delay before it.  Any moment they leave
 uncovered was a chance to reconnect, and the driver missed it.  A worker that stops
 retrying, or backs off far past ``retry_max``, is caught that way.
+
+Likewise an operation may outlast its time bound only in a storm: when, over its whole
+life, faults left the server reachable for less than ``HANG_REACHABLE`` seconds in all.
+(The watchdog still reports a standstill of the whole run, storm or not.)
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import math
 from collections import deque
 
 import trio
+
+HANG_REACHABLE = 10.0  # seconds of reachable server after which an operation must be done
 
 
 class Availability:
@@ -60,17 +66,23 @@ class Availability:
         while intervals and intervals[0][1] < forget_before:
             intervals.popleft()
 
-    def unreachable_throughout(self, seconds: float) -> bool:
-        """Did faults keep the server unreachable for all of the last ``seconds``?"""
+    def reachable_for(self, seconds: float) -> float:
+        """For how long, in total, of the last ``seconds`` nothing kept the server away."""
         end = trio.current_time()
-        covered_to = end - seconds
+        covered_to = start = end - seconds
         spans = list(self._intervals)
         if self._down_since is not None:
             spans.append((self._down_since, math.inf))
-        for start, stop in sorted(spans):
-            if start > covered_to:
-                return False  # a gap: the server was there and nothing broke it
+        reachable = 0.0
+        for begin, stop in sorted(spans):
+            if begin >= end:
+                break
+            if begin > covered_to:
+                reachable += begin - covered_to  # a gap: the server was there
             covered_to = max(covered_to, stop)
-            if covered_to >= end:
-                return True
-        return covered_to >= end
+        reachable += max(0.0, end - max(covered_to, start))
+        return reachable
+
+    def unreachable_throughout(self, seconds: float) -> bool:
+        """Did faults keep the server away for all of the last ``seconds``?"""
+        return self.reachable_for(seconds) == 0.0

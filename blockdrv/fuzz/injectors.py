@@ -123,9 +123,6 @@ class Injector:
         run = self.run
         proxy, harness = run.proxy, run.harness
         run.record({"fault": kind, "params": params})
-        away = keeps_the_server_away(kind, params)
-        if away is not None:
-            run.availability.broken(away)
         if kind == "kill":
             harness.kill()
             run.result.faults_by_kind["kill"] += 1
@@ -154,6 +151,9 @@ class Injector:
             await self._flood(params["where"])
         elif kind in CLIENT_FAULTS:
             await self._client_fault(kind, params)
+        away = keeps_the_server_away(kind, params)
+        if away is not None:  # from when the fault is done (a flooded query took time)
+            run.availability.broken(away)
 
     async def _flood(self, where: str) -> None:
         """A flood of the next reply, of a reconnect's handshake, or of a list query

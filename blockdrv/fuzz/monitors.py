@@ -22,7 +22,8 @@ measured beside the workload:
 - *Fairness.*  :class:`FairnessMonitor` implements the driver's ``AdmissionMonitor``:
   a request admitted while older ones wait is an *overtake* (FIFO allows none); a
   request that waited ``w`` seconds while ``k`` others were admitted must have
-  ``w <= ceil((k + 1) / max_in_flight) * s + margin``, ``s`` being the longest time
+  ``w <= ceil((k + 1) / places) * s + margin`` (``places``: ``max_in_flight`` while
+  connected, one while reconnecting), ``s`` being the longest time
   any request held a place during the wait: the service time of those that left, the
   age of those still in (a request stuck behind a stalled reply holds its place
   throughout, and fewer places turn over).  Each place turns over at least once every
@@ -184,8 +185,12 @@ class FairnessMonitor:
     the time bound; overtakes are never allowed.
     """
 
-    def __init__(self, max_in_flight: int, report: Report, *, margin: float = 1.0) -> None:
+    def __init__(self, max_in_flight: int, report: Report, *, margin: float = 1.0,
+                 places: Callable[[], int] | None = None) -> None:
         self.max_in_flight = max_in_flight
+        # How many requests the admission rule lets in at once now: max_in_flight while
+        # connected, one while reconnecting (that one makes the attempt).
+        self.places = places or (lambda: max_in_flight)
         self.report = report
         self.margin = margin
         self.admissions = 0
@@ -221,17 +226,18 @@ class FairnessMonitor:
                         f"a newcomer went ahead of {overtaken} waiting request(s)",
                         "fairness")
 
-    def parked(self) -> tuple[float, int, int, int]:
+    def parked(self) -> tuple[float, int, int, int, int]:
         self._waiting += 1
         return (trio.current_time(), self.admissions,
-                self._services_base + len(self._services), self.rule_changes)
+                self._services_base + len(self._services), self.rule_changes,
+                self.places())
 
     def abandoned(self, token: object) -> None:
         self._done_waiting()
 
     def granted(self, token: object) -> None:
         assert isinstance(token, tuple)
-        arrived, admissions_then, services_from, rules_then = token
+        arrived, admissions_then, services_from, rules_then, places = token
         now = self._admitted()
         waited = now - arrived
         self.wait_max = max(self.wait_max, waited)
@@ -242,7 +248,7 @@ class FairnessMonitor:
             longest = max(max(self._services[services_from - self._services_base:],
                               default=0.0),
                           max(now - admitted for admitted in self._admitted_at.values()))
-            rounds = math.ceil((meanwhile + 1) / self.max_in_flight)
+            rounds = math.ceil((meanwhile + 1) / places)  # (same rule all along)
             bound = rounds * longest + self.margin
             if waited > bound:
                 self.report("admission", f"admitted within {bound:.2f} s ({rounds} "

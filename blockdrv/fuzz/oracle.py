@@ -16,7 +16,9 @@ the device or the server, so every rule can be unit-tested with made-up outcomes
    unreachable for all of it (:mod:`~blockdrv.fuzz.availability`); drains and graph
    changes never;
 4. every operation ends within its bound (``reconnect_delay`` + the longest stall + a
-   margin) and a cancelled one within its deadline + ``cancel_timeout`` + a margin;
+   margin), unless a storm of faults left the server reachable for less than
+   ``HANG_REACHABLE`` seconds of its life, and a cancelled one within its deadline +
+   ``cancel_timeout`` + a margin;
 5. identity: a late or repeated reply never shows up as data (1 catches it), only as a
    ProtocolError.
 
@@ -25,12 +27,14 @@ A failed or cancelled write makes its range unknown; that is not a violation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..nbd import State
 from ..node import Extent
 from ..protocol.errors import ConnectionLostError, ProtocolError, RequestError
+from .availability import HANG_REACHABLE
 from .config import FuzzConfig
 from .model import Model
 from .monitors import Report
@@ -113,12 +117,15 @@ class Oracle:
             return None
         return None
 
-    def duration(self, op: Op, took: float, *, hung: bool, cancelled: bool) -> None:
-        """Rule 4."""
+    def duration(self, op: Op, took: float, *, hung: bool, cancelled: bool,
+                 reachable: float = math.inf) -> None:
+        """Rule 4 (``reachable``: for how long, in all, faults left the server reachable
+        during the operation)."""
         config = self.config
-        if hung:
+        if hung and reachable >= HANG_REACHABLE:
             self.report(op.describe(), f"completion within {config.bound:g}s",
-                        "still running: a hang", "deadline")
+                        f"still running: a hang (the server was reachable for "
+                        f"{min(reachable, took):.1f}s of it)", "deadline")
         elif cancelled and op.cancel_after is not None \
                 and took > op.cancel_after + config.cancel_bound:
             self.report(op.describe(), f"cancelled at {op.cancel_after:g}s, so done "

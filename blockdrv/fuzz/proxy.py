@@ -69,6 +69,7 @@ from ..protocol.wire import (
 )
 from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
 from ..transport import open_stream, open_unix_listener, remove_socket_file
+from .availability import Availability
 from .flood import HANDSHAKE_FLOODS, FloodSpec, pour
 from .observer import StreamObserver
 
@@ -274,6 +275,8 @@ class _Link:
                 await pour(self.client.socket.fileno(), spec, self.proxy.flood_bytes)
         finally:
             self.scope.cancel()
+            if self.proxy.availability is not None:  # the flooded client was kept away
+                self.proxy.availability.broken()
 
     def _malformed_header(self) -> bytes:
         kind, observer = self.malformed, self.observer
@@ -332,6 +335,7 @@ class FaultProxy:
         self.flood_bytes = 64 << 20
         self.rng = random.Random(0)
         self.armed: set[str] = set()  # hostile faults waiting for their moment
+        self.availability: Availability | None = None  # told when a flood ends
 
     @property
     def address(self) -> NBDAddress:

@@ -32,6 +32,7 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,6 +112,11 @@ def _data_for(op: Op) -> bytes:
 
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _places(member: NBDDevice, max_in_flight: int) -> int:
+    """How many requests ``member`` admits at once now (one while reconnecting)."""
+    return max_in_flight if member.state is State.CONNECTED else 1
 
 
 def _members(device: Device) -> tuple[NBDDevice, ...]:
@@ -196,6 +202,7 @@ class FuzzRun:
                 self._proxy = FaultProxy(self.harness.address, directory)
                 self.proxy.capture = "duplicate" in self.config.faults
                 self.proxy.flood_bytes = self.config.flood_bytes
+                self.proxy.availability = self.availability
                 self.proxy.rng = random.Random(self.config.seed + 2)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.proxy.serve)
@@ -304,7 +311,9 @@ class FuzzRun:
             self._dead = (self.generation, dead)
             self.faults_at_open[self.generation] = self._protocol_faults()
             for member in _members(device):
-                monitor = FairnessMonitor(config.max_in_flight, self.report)
+                monitor = FairnessMonitor(config.max_in_flight, self.report,
+                                          places=partial(_places, member,
+                                                         config.max_in_flight))
                 member.monitor_admission(monitor)
                 self.fairness.append(monitor)
             self.injector.filters = []
@@ -413,7 +422,8 @@ class FuzzRun:
         self.result.ops_by_kind[op.kind] += 1
         self.watchdog.progress()
         cancelled = scope.cancelled_caught
-        self.oracle.duration(op, took, hung=bound.cancelled_caught, cancelled=cancelled)
+        self.oracle.duration(op, took, hung=bound.cancelled_caught, cancelled=cancelled,
+                             reachable=self.availability.reachable_for(took))
         if bound.cancelled_caught:
             self.oracle.unknown(op)
             return
