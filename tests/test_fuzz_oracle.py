@@ -163,20 +163,19 @@ async def test_fairness_bound_while_reconnecting_has_one_place(autojump_clock):
     connected = False
     monitor = FairnessMonitor(4, lambda *v: found.append(v),
                               places=lambda: 4 if connected else 1)
-    token = monitor.parked()
-    for _ in range(5):
-        monitor.entered(0)
-        await trio.sleep(1)
-        monitor.left()
-    monitor.granted(token)
+
+    async def wait_while_five_are_served_in_turn() -> None:
+        token = monitor.parked()
+        for _ in range(5):
+            monitor.entered(0)
+            await trio.sleep(1)
+            monitor.left()
+        monitor.granted(token)
+
+    await wait_while_five_are_served_in_turn()
     assert found == [] and monitor.wait_max == 5
     connected = True  # the same wait with four places is too long
-    token = monitor.parked()
-    for _ in range(5):
-        monitor.entered(0)
-        await trio.sleep(1)
-        monitor.left()
-    monitor.granted(token)
+    await wait_while_five_are_served_in_turn()
     assert len(found) == 1 and "2 round(s)" in found[0][1]
 
 
