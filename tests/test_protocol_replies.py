@@ -112,7 +112,10 @@ def test_content_outside_the_request_is_named():
         state().hole(4096, 512)
     with violation("data chunk 0+8192 outside the request"):
         state().data(0, 8192)
-    cursor = ReplyCursor(READ, 0, 4096, structured=True)  # the driver's path to data
+
+
+def test_content_outside_the_request_is_named_on_the_cursor_path_too():
+    cursor = ReplyCursor(READ, 0, 4096, structured=True)  # how the driver reads data
     cursor.begin(header(ChunkType.OFFSET_DATA, 8 + 512))
     with violation("data chunk 4096+512 outside the request"):
         cursor.data_offset(4096)
