@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from support.errors import raises_message
 
 from blockdrv.protocol import ExportInfo, InvalidArgumentError, UnsupportedError
 from blockdrv.protocol.constants import Command, CommandFlag
@@ -50,6 +51,8 @@ def test_flags_on_the_wrong_command():
         check_request(FULL, Command.READ, 0, 512, CommandFlag.NO_HOLE)
     with pytest.raises(InvalidArgumentError, match="not valid"):
         check_request(FULL, Command.WRITE, 0, 512, CommandFlag.REQ_ONE)
+    with pytest.raises(InvalidArgumentError, match="not valid"):  # no name, still refused
+        check_request(FULL, Command.READ, 0, 512, 1 << 6)
 
 
 def test_read_only_export_refuses_writes():
@@ -91,11 +94,52 @@ def test_limits():
     assert ext.max_length(Command.TRIM) == 1 << 40
 
 
+@pytest.mark.parametrize("info, command, flags", [
+    (FULL, Command.READ, CommandFlag.DF),
+    (FULL, Command.WRITE, CommandFlag.FUA),
+    (FULL, Command.TRIM, 0),
+    (FULL, Command.WRITE_ZEROES, CommandFlag.FAST_ZERO),
+    (FULL, Command.BLOCK_STATUS, CommandFlag.REQ_ONE),
+    (FULL, Command.CACHE, 0),
+    (BARE, Command.READ, 0),
+])
+def test_an_empty_request_only_asks_whether_the_command_is_allowed(info, command, flags):
+    # NBDDevice._pieces probes every (command, flags) pair with offset 0 and length 0.
+    check_request(info, command, 0, 0, flags)
+
+
+@pytest.mark.parametrize("info, command, offset, length, kind, message", [
+    (FULL, 99, 0, 0, InvalidArgumentError, "unknown command 99"),
+    (ExportInfo("d", 1 << 20, ALL | T.READ_ONLY), Command.TRIM, 0, 512, UnsupportedError,
+     "TRIM: the export is read-only"),
+    (ExportInfo("d", 1 << 20, ALL), Command.BLOCK_STATUS, 0, 512, UnsupportedError,
+     "BLOCK_STATUS: no metadata context was negotiated"),
+    (FULL, Command.RESIZE, 0, 512, UnsupportedError, "RESIZE is not supported"),
+    (FULL, Command.FLUSH, 0, 512, InvalidArgumentError, "FLUSH: offset and length must be 0"),
+])
+def test_refusals_name_the_command(info, command, offset, length, kind, message):
+    with raises_message(kind, message):
+        check_request(info, command, offset, length)
+
+
+def test_fast_zero_lifts_the_write_zeroes_limit_of_a_request():
+    check_request(FULL, Command.WRITE_ZEROES, 0, 2 << 20, CommandFlag.FAST_ZERO)
+    with pytest.raises(InvalidArgumentError, match="over the limit"):
+        check_request(FULL, Command.WRITE_ZEROES, 0, 2 << 20)
+
+
+def test_an_empty_extended_export_still_has_a_positive_limit():
+    empty = ExportInfo("d", 0, ALL, extended=True, structured=True)
+    assert empty.max_length(Command.TRIM) == 1
+
+
 def test_describe_uses_nbdinfo_names():
-    d = FULL.describe()
-    for key in ("export-size", "can_flush", "can_fua", "can_trim", "can_zero", "can_df",
-                "can_cache", "can_fast_zero", "can_multi_conn", "is_read_only",
-                "is_rotational", "block_size_minimum", "block_size_preferred",
-                "block_size_maximum", "contexts", "protocol", "TLS"):
-        assert key in d
-    assert d["contexts"] == ["base:allocation"]
+    assert FULL.describe() == {
+        "export-name": "d", "description": None, "export-size": 1 << 30,
+        "protocol": "newstyle-fixed", "TLS": False, "is_rotational": False,
+        "is_read_only": False, "can_cache": True, "can_df": True, "can_fast_zero": True,
+        "can_flush": True, "can_fua": True, "can_multi_conn": False, "can_trim": True,
+        "can_zero": True, "block_size_minimum": 512, "block_size_preferred": 4096,
+        "block_size_maximum": 1 << 20, "contexts": ["base:allocation"], "structured": True,
+        "extended": False,
+    }

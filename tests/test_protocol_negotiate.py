@@ -7,6 +7,7 @@ test_negotiate.py holds the handshakes; these are the cases a mutation of negoti
 from __future__ import annotations
 
 import errno
+from unittest import mock
 
 import pytest
 from support.errors import raises_message
@@ -20,9 +21,11 @@ from blockdrv.protocol import (
     OptionError,
     ProtocolError,
     TLSMode,
+    negotiate,
 )
 from blockdrv.protocol.constants import (
     MAX_BLOCK_SIZE_MINIMUM,
+    MAX_LIST_ENTRIES,
     HandshakeFlag,
     Option,
     OptionReply,
@@ -30,6 +33,7 @@ from blockdrv.protocol.constants import (
 from blockdrv.protocol.errors import InvalidArgumentError
 from blockdrv.protocol.negotiate import Phase, check_block_sizes, option_error
 from blockdrv.protocol.options import (
+    decode_info_request,
     decode_option_header,
     encode_export_name_reply,
     encode_rep_meta_context,
@@ -238,3 +242,64 @@ def test_plaintext_after_the_starttls_ack_is_counted():
     with raises_message(ProtocolError,
                         "server sent 4 plaintext bytes after acknowledging STARTTLS"):
         client.next_event()
+
+
+def test_the_default_export_is_the_empty_name():
+    client = ClientNegotiator(extended=False, structured=False)
+    client.receive_data(greet())
+    client.next_event()
+    sent = client.data_to_send()[4:]  # after the client flags
+    assert decode_option_header(sent)[0] == Option.GO
+    assert decode_info_request(sent[16:])[0] == ""
+
+
+def test_a_server_without_fixed_newstyle_is_named():
+    client = ClientNegotiator("disk")
+    client.receive_data(greet(HandshakeFlag.NO_ZEROES))
+    with raises_message(ProtocolError, "server does not support fixed newstyle negotiation"):
+        client.next_event()
+
+
+@pytest.mark.parametrize("answer, text", [
+    (reply(Option.LIST), "server replied to option LIST while NBD_OPT_GO was pending"),
+    (reply(99), "server replied to option 99 while NBD_OPT_GO was pending"),
+    (reply(Option.GO, OptionReply.SERVER, encode_rep_server("a")),
+     "unexpected reply SERVER to NBD_OPT_GO"),
+    (reply(Option.GO, 77), "unexpected reply 77 to NBD_OPT_GO"),
+])
+def test_replies_out_of_place_are_named(answer, text):
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    with raises_message(ProtocolError, text):
+        s.feed(answer)
+
+
+def test_a_context_not_asked_for_names_the_ones_asked():
+    s = Script(extended=False, meta_contexts=("base:allocation", "qemu:dirty-bitmap:b"))
+    s.feed(greet())
+    s.feed(reply(Option.STRUCTURED_REPLY))
+    with raises_message(ProtocolError, "server selected meta context 'x:y', which was not "
+                                       "asked for (asked: base:allocation, "
+                                       "qemu:dirty-bitmap:b)"):
+        s.feed(reply(Option.SET_META_CONTEXT, OptionReply.META_CONTEXT,
+                     encode_rep_meta_context(1, "x:y")))
+
+
+def test_the_servers_error_text_is_decoded_leniently_and_cut():
+    s = Script(extended=False, structured=False)
+    s.feed(greet())
+    with pytest.raises(OptionError) as caught:
+        s.feed(reply(Option.GO, OptionReply.ERR_POLICY, b"\xff" + b"a" * 5000))
+    assert caught.value.server_message == "\ufffd" + "a" * 4095
+
+
+def test_list_bytes_are_capped_after_the_limit_not_at_it():
+    entry = reply(Option.LIST, OptionReply.SERVER, encode_rep_server("abcdef"))  # 30 bytes
+    s = Script(extended=False, structured=False, goal=Goal.LIST)
+    s.feed(greet())
+    with mock.patch.object(negotiate, "MAX_LIST_BYTES", 2 * len(entry)):
+        assert s.feed(entry + entry) is NEED_DATA
+        with raises_message(ProtocolError, "server's answer to NBD_OPT_LIST is longer than "
+                                           f"{MAX_LIST_ENTRIES} entries or 60 bytes "
+                                           "(MAX_LIST_ENTRIES, MAX_LIST_BYTES)"):
+            s.feed(entry)

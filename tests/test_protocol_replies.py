@@ -13,6 +13,7 @@ import pytest
 from support.errors import raises_message
 
 from blockdrv.protocol.constants import (
+    EXTENDED_REPLY_MAGIC,
     MAX_BLOCK_STATUS_CHUNK,
     MAX_REPLY_FRAGMENTS,
     MAX_SMALL_CHUNK,
@@ -22,10 +23,24 @@ from blockdrv.protocol.constants import (
     CommandFlag,
 )
 from blockdrv.protocol.errors import ProtocolError
-from blockdrv.protocol.replies import CHUNK_DONE, READ_OFFSET, READ_PAYLOAD, ReplyCursor, ReplyState
-from blockdrv.protocol.wire import ReplyHeader, encode_hole_chunk
+from blockdrv.protocol.events import NEED_DATA
+from blockdrv.protocol.replies import (
+    CHUNK_DONE,
+    READ_OFFSET,
+    READ_PAYLOAD,
+    ReplyCursor,
+    ReplyReader,
+    ReplyState,
+)
+from blockdrv.protocol.wire import (
+    ReplyHeader,
+    encode_data_chunk_header,
+    encode_hole_chunk,
+    encode_simple_reply,
+)
 
 READ, BLOCK_STATUS, WRITE = Command.READ, Command.BLOCK_STATUS, Command.WRITE
+EXTENDED_MAGIC = EXTENDED_REPLY_MAGIC.to_bytes(4, "big")
 
 
 def state(command=READ, offset=0, length=4096, flags=0, **kw) -> ReplyState:
@@ -97,6 +112,13 @@ def test_content_outside_the_request_is_named():
         state().hole(4096, 512)
     with violation("data chunk 0+8192 outside the request"):
         state().data(0, 8192)
+
+
+def test_content_outside_the_request_is_named_on_the_cursor_path_too():
+    cursor = ReplyCursor(READ, 0, 4096, structured=True)  # how the driver reads data
+    cursor.begin(header(ChunkType.OFFSET_DATA, 8 + 512))
+    with violation("data chunk 4096+512 outside the request"):
+        cursor.data_offset(4096)
 
 
 def test_scattered_content_past_the_fragment_cap_is_named():
@@ -295,3 +317,37 @@ def test_a_new_state_is_compact_unflagged_and_has_read_nothing():
     assert (s.flags, s.structured, s.extended) == (0, False, False)
     assert (s.step, s.at, s.left, s.header, s.chunks) == (CHUNK_DONE, 0, 0, None, 0)
     assert s.simple(0) is True  # compact: a successful simple READ reply carries data
+
+
+def test_the_byte_reader_defaults_to_compact_simple_replies():
+    for reader, magic in [(ReplyReader(), encode_hole_chunk(1, 0, 512, done=True)[:4]),
+                          (ReplyReader(structured=True), EXTENDED_MAGIC)]:
+        reader.receive_data(magic)
+        with raises_message(ProtocolError, f"reply magic 0x{magic.hex()} not allowed with "
+                                           "the negotiated compact headers"):
+            reader.next_event()
+
+
+def test_the_byte_reader_looks_at_a_magic_as_soon_as_it_has_one():
+    reader = ReplyReader()
+    reader.receive_data(b"\0\0\0\0")
+    with raises_message(ProtocolError, "bad reply magic 0x00000000"):
+        reader.next_event()
+
+
+def test_the_byte_reader_names_an_unknown_cookie_and_a_cookie_given_twice():
+    reader = ReplyReader()
+    reader.expect(1, ReplyCursor(READ, 0, 4096))
+    with pytest.raises(ValueError, match="^cookie 1 is already in flight$"):
+        reader.expect(1, ReplyCursor(READ, 0, 4096))
+    reader.receive_data(encode_simple_reply(9))
+    with raises_message(ProtocolError, "reply for unknown cookie 9"):
+        reader.next_event()
+
+
+def test_the_byte_reader_takes_a_data_offset_once_all_eight_bytes_are_in():
+    reader = ReplyReader(structured=True)
+    reader.expect(1, ReplyCursor(READ, 0, 4096, structured=True))
+    reader.receive_data(encode_data_chunk_header(1, 0, 512, done=True))  # header + offset
+    assert reader.next_event() is NEED_DATA
+    assert reader.buffered == 0  # the offset was read; the data is next

@@ -7,8 +7,11 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.errors import raises_message
 
 from blockdrv import NBDAddress, parse_uri
+from blockdrv.protocol.errors import InvalidArgumentError
+from blockdrv.protocol.uri import is_nbd_uri
 
 
 @pytest.mark.parametrize("uri, export", [
@@ -85,8 +88,69 @@ def test_bad_uris_name_the_problem(uri, problem):
 
 
 def test_non_string():
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(ValueError, match="must be a string, not NoneType"):
         parse_uri(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be a string, not int"):
+        parse_uri(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("", "empty NBD URI"),
+    ("nbd://h/a%00b", "export name contains a NUL character"),
+    ("nbd:x://h/", "bad export path 'x://h/' in 'nbd:x://h/'"),
+    ("nbd://h/" + "e" * 4097, "export name is longer than 4096 bytes"),
+    ("nbd://h/x?tls-verify-peer",
+     "malformed query string 'tls-verify-peer' in 'nbd://h/x?tls-verify-peer'"),
+    ("nbd://h/x?bogus=", "unknown NBD URI query parameter 'bogus' in 'nbd://h/x?bogus='"),
+    ("nbd://h/x?x-a=1&bogus=1",
+     "unknown NBD URI query parameter 'bogus' in 'nbd://h/x?x-a=1&bogus=1'"),
+    ("nb://h/", "unsupported URI scheme 'nb' in 'nb://h/' "
+     "(use one of: nbd, nbd+tcp, nbd+unix, nbds, nbds+tcp, nbds+unix)"),
+])
+def test_bad_uris_get_the_whole_message(uri, message):
+    with raises_message(InvalidArgumentError, message):
+        parse_uri(uri)
+
+
+def test_export_name_limit_is_inclusive():
+    assert parse_uri("nbd://h/" + "e" * 4096).export == "e" * 4096
+
+
+def test_export_name_must_be_utf8():
+    with pytest.raises(ValueError):  # UnicodeDecodeError: not replaced with U+FFFD
+        parse_uri("nbd://h/%ff")
+
+
+def test_experimental_parameters_skip_only_themselves():
+    assert parse_uri("nbd://h/x?x-a=1&tls-verify-peer=0").tls_verify_peer is False
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("nbd://h/x", True),
+    ("NBDS+Unix:///x?socket=/s", True),
+    ("nbd://h:10810/x", True),
+    ("/dev/nbd0", False),
+    ("disk.img", False),
+    ("http://h/x", False),
+    ("c:nbd", False),
+])
+def test_is_nbd_uri_looks_at_the_scheme(text, expected):
+    assert is_nbd_uri(text) is expected
+
+
+@pytest.mark.parametrize("address, text", [
+    (NBDAddress("tcp", host="h", port=10809), "nbd://h/"),
+    (NBDAddress("tcp", "a b/c", host="h", port=10810, tls=True), "nbds://h:10810/a%20b%2Fc"),
+    (NBDAddress("tcp", host="::1", port=10809), "nbd://[::1]/"),
+    (NBDAddress("unix", "e", socket="/run/a b.sock"), "nbd+unix:///e?socket=/run/a%20b.sock"),
+    (NBDAddress("unix", socket="/s", tls=True, tls_verify_peer=False),
+     "nbds+unix:///?socket=/s&tls-verify-peer=0"),
+    (NBDAddress("tcp", host="h", port=10809, tls=True, tls_hostname="a/b",
+                tls_certificates="/etc/pki/nbd x"),
+     "nbds://h/?tls-hostname=a%2Fb&tls-certificates=/etc/pki/nbd%20x"),
+])
+def test_str_is_the_short_uri(address, text):
+    assert str(address) == text
 
 
 names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),

@@ -201,7 +201,7 @@ def check_request(info: ExportInfo, command: int, offset: int, length: int,
         raise UnsupportedError("BLOCK_STATUS: no metadata context was negotiated")
     if cmd == Command.RESIZE:
         raise UnsupportedError("RESIZE is not supported")
-    extra = flags & ~ALLOWED_COMMAND_FLAGS[cmd]
+    extra = flags & ~int(ALLOWED_COMMAND_FLAGS[cmd])  # int: unknown bits count too
     if extra:
         raise InvalidArgumentError(f"{name}: flag {CommandFlag(extra)!r} is not valid here")
     for flag, (needed, what) in _FLAG_NEEDS.items():

@@ -60,7 +60,8 @@ from .options import (
     encode_rep_server,
 )
 
-_KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+# int: ``~`` on an IntFlag keeps only the flags it names, so unknown bits would pass.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 MAX_OPTIONS = 1024
 """Options one handshake may have (nbdkit allows 32; ``nbdinfo --list`` on a server
@@ -267,7 +268,7 @@ class ServerNegotiator:
         if self.structured:
             flags |= TransmissionFlag.SEND_DF
         else:
-            flags &= ~TransmissionFlag.SEND_DF
+            flags &= ~int(TransmissionFlag.SEND_DF)  # keeps the bits it does not name
         return int(flags)
 
     # --- option handlers (each returns an event or None) ------------------------------
