@@ -168,3 +168,33 @@ def test_str_round_trips_tcp(export, port, tls):
 def test_str_round_trips_unix(export, path, tls):
     a = NBDAddress(transport="unix", socket=path, export=export, tls=tls)
     assert parse_uri(str(a)) == a
+
+
+@pytest.mark.parametrize("text, says", [
+    ("nbd://[::1/x", "malformed NBD URI"),  # urlsplit: Invalid IPv6 URL
+    ("nbd://host]/", "malformed NBD URI"),
+    ("nbd://[zz]/x", "malformed NBD URI"),  # urlsplit checks bracketed hosts itself
+    ("nbd://localhost/%ff", "not UTF-8 once percent-decoded"),
+    ("nbd+unix:///a?socket=%ff", "malformed query string"),  # not a silent U+FFFD path
+    ("nbd://h/x?tls-certificates=%C3", "malformed query string"),
+])
+def test_every_bad_uri_is_an_invalid_argument(text, says):
+    with pytest.raises(InvalidArgumentError, match=says):
+        parse_uri(text)
+
+
+uri_like = st.builds(lambda scheme, rest: scheme + rest,
+                     st.sampled_from(["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]),
+                     st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+                     | st.from_regex(r"[\[\]%a-f0-9:/?=&@.]{0,40}", fullmatch=True))
+
+
+@given(text=uri_like | st.text(max_size=40))
+def test_parse_uri_answers_an_address_or_invalid_argument(text):
+    """Whatever the text, the only failure is InvalidArgumentError (no ValueError from
+    urllib, no UnicodeDecodeError)."""
+    try:
+        address = parse_uri(text)
+    except InvalidArgumentError:
+        return
+    assert isinstance(address, NBDAddress)

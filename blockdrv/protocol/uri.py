@@ -87,7 +87,10 @@ def parse_uri(text: str) -> NBDAddress:
         raise InvalidArgumentError("empty NBD URI")
     if "://" not in text:
         raise InvalidArgumentError(f"not an NBD URI (expected e.g. nbd://host/export): {text!r}")
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL", a host that is not an address
+        raise InvalidArgumentError(f"malformed NBD URI {text!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         raise InvalidArgumentError(f"unsupported URI scheme {parts.scheme!r} in {text!r} "
@@ -99,7 +102,11 @@ def parse_uri(text: str) -> NBDAddress:
     path = parts.path
     if path and not path.startswith("/"):
         raise InvalidArgumentError(f"bad export path {path!r} in {text!r}")
-    export = unquote(path[1:], errors="strict") if path else ""
+    try:
+        export = unquote(path[1:], errors="strict") if path else ""
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"export name in {text!r} is not UTF-8 once "
+                                   "percent-decoded") from None
     if "\0" in export:
         raise InvalidArgumentError("export name contains a NUL character")
     if len(export.encode("utf-8")) > MAX_STRING:
@@ -107,8 +114,9 @@ def parse_uri(text: str) -> NBDAddress:
 
     params: dict[str, str] = {}
     try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
+        pairs = parse_qsl(parts.query, keep_blank_values=True,
+                          strict_parsing=bool(parts.query), errors="strict")
+    except ValueError:  # (UnicodeDecodeError too: a value is not UTF-8 once decoded)
         raise InvalidArgumentError(f"malformed query string {parts.query!r} in {text!r}") from None
     for key, value in pairs:
         if key.startswith("x-"):
