@@ -380,7 +380,8 @@ class ServerNegotiator:
             offer = self._lookup(name)
         except (ProtocolError, _Reply) as exc:
             # EXPORT_NAME cannot be answered with an error: the spec says disconnect.
-            raise ProtocolError(f"cannot serve NBD_OPT_EXPORT_NAME: {exc}") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ProtocolError(f"cannot serve NBD_OPT_EXPORT_NAME: {why}") from None
         flags = self._flags(offer)
         self._outbox += encode_export_name_reply(offer.size, flags, no_zeroes=self.no_zeroes)
         return self._enter_transmission(name, offer, flags, False)
