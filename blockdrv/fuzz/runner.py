@@ -144,7 +144,7 @@ class FuzzRun:
         self.cancel_scopes: dict[int, trio.CancelScope] = {}
         self.running: dict[int, float] = {}  # op index -> start, oldest first
         self.held = 0  # bytes of the operations in flight
-        self.fairness: list[FairnessMonitor] = []
+        self.fairness: list[FairnessMonitor] = []  # the open device's (they refer to it)
         self._expiries_judged: dict[NBDDevice, int] = {}  # member -> delay expiries seen
         self.loop = LoopMonitor(config.lag_limit, self.report, self.elapsed)
         self.memory = MemoryMonitor(config.rss_allowance, self.report)
@@ -220,8 +220,7 @@ class FuzzRun:
         result.step_cpu_max = self.loop.steps.worst
         result.rss_peak = self.memory.peak
         result.rss_growth_peak = self.memory.growth_peak
-        result.admission_wait_max = max((f.wait_max for f in self.fairness), default=0.0)
-        result.admission_overtakes = sum(f.overtakes for f in self.fairness)
+        self._fold_fairness()
         leaked = _fd_count() - fds_before
         if leaked > 0:
             self.report("end of run", "no file descriptor left open",
@@ -327,8 +326,20 @@ class FuzzRun:
                     nursery.cancel_scope.cancel()
             finally:
                 self._account(device)
+                if self.device_value.value is device:
+                    self.device_value.value = None  # closed: nothing keeps it
+
+    def _fold_fairness(self) -> None:
+        """Keep the figures of the closed device's fairness monitors, not the monitors
+        (they refer to the device: kept, every reopened device would stay in memory)."""
+        result = self.result
+        for monitor in self.fairness:
+            result.admission_wait_max = max(result.admission_wait_max, monitor.wait_max)
+            result.admission_overtakes += monitor.overtakes
+        self.fairness.clear()
 
     def _account(self, device: Device) -> None:
+        self._fold_fairness()
         stats = device.statistics()
         self.result.reconnects += stats.reconnects
         # Large writes cancelled while their payload was going out, finished in time.
