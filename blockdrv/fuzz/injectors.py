@@ -94,6 +94,7 @@ class Injector:
         for event in events:
             await trio.sleep_until(self.run.start + event["t"])
             await self.inject(event["fault"], event["params"])
+            self.run.watchdog.progress()  # waiting for the trace's next fault is no hang
 
     def _params(self, kind: str) -> dict[str, Any]:
         rng, config = self.rng, self.config

@@ -249,7 +249,10 @@ class FuzzRun:
                 async with trio.open_nursery() as workers:
                     for _ in range(config.workers):
                         workers.start_soon(self._worker)
-                workload.cancel_scope.cancel()  # the workload is over: so are the faults
+                if not self.replaying:
+                    workload.cancel_scope.cancel()  # the workload is over: so are the faults
+                # (A replay injects every fault of its trace, at its time, even when the
+                # operations ran faster than the first time and are over already.)
             await self._heal()
             await self._final_check()
             self.watchdog.stop()
