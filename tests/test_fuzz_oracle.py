@@ -88,6 +88,13 @@ def test_fault_specs():
     assert FuzzConfig(max_in_flight=6).concurrency == 24  # oversubscribed by default
 
 
+async def served_for(monitor: FairnessMonitor, seconds: float) -> None:
+    """A request admitted at once that holds its place for ``seconds``."""
+    monitor.entered(0)
+    await trio.sleep(seconds)
+    monitor.left()
+
+
 async def test_fairness_monitor_reports_overtakes_and_long_waits(autojump_clock):
     found: list[tuple[str, str, str, str]] = []
     monitor = FairnessMonitor(2, lambda *v: found.append(v))
@@ -99,13 +106,8 @@ async def test_fairness_monitor_reports_overtakes_and_long_waits(autojump_clock)
     # A request waits 10 s while one other, served in 1 s, was admitted: bound 2 s.
     token = monitor.parked()
 
-    async def served_for(seconds: float) -> None:
-        monitor.entered(0)
-        await trio.sleep(seconds)
-        monitor.left()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(served_for, 1)
+        nursery.start_soon(served_for, monitor, 1)
     await trio.sleep(9)
     monitor.granted(token)
     assert "waited 10.00 s" in found[-1][2] and "within 2.00 s" in found[-1][1]
@@ -131,18 +133,13 @@ async def test_fairness_bound_counts_the_places_held_throughout(autojump_clock):
         await stuck_may_leave.wait()
         monitor.left()
 
-    async def short(seconds: float) -> None:
-        monitor.entered(0)
-        await trio.sleep(seconds)
-        monitor.left()
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stuck)
-        nursery.start_soon(short, 1)
+        nursery.start_soon(served_for, monitor, 1)
         await trio.sleep(0.5)
         token = monitor.parked()  # both places taken: wait
         await trio.sleep(9.5)  # the short one left long ago; the place went elsewhere
-        nursery.start_soon(short, 1)
+        nursery.start_soon(served_for, monitor, 1)
         await trio.sleep(1)
         monitor.granted(token)  # after 10 s: 1 round of the stuck request's 10.5 s
         stuck_may_leave.set()
@@ -150,7 +147,7 @@ async def test_fairness_bound_counts_the_places_held_throughout(autojump_clock):
     # The same wait with nothing held throughout breaks the bound.
     token = monitor.parked()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(short, 1)
+        nursery.start_soon(served_for, monitor, 1)
     await trio.sleep(9)
     monitor.granted(token)
     assert len(found) == 1 and "waited 10.00 s" in found[0][2]
@@ -167,9 +164,7 @@ async def test_fairness_bound_while_reconnecting_has_one_place(autojump_clock):
     async def wait_while_five_are_served_in_turn() -> None:
         token = monitor.parked()
         for _ in range(5):
-            monitor.entered(0)
-            await trio.sleep(1)
-            monitor.left()
+            await served_for(monitor, 1)
         monitor.granted(token)
 
     await wait_while_five_are_served_in_turn()
@@ -185,15 +180,9 @@ async def test_fairness_wait_ends_when_the_place_is_handed_over(autojump_clock):
     monitor = FairnessMonitor(1, lambda *v: found.append(v))
     token = monitor.parked()
 
-    async def served_for(seconds: float) -> None:
-        monitor.entered(0)
-        await trio.sleep(seconds)
-        monitor.left()
-        monitor.handed_over(waiter)  # as Admission.grant does, in the leaving task
-
-    waiter = trio.lowlevel.current_task()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(served_for, 1)
+        nursery.start_soon(served_for, monitor, 1)
+    monitor.handed_over(trio.lowlevel.current_task())  # as Admission.grant does, at 1 s
     await trio.sleep(20)  # the wake-up comes late
     monitor.granted(token)
     assert found == [] and monitor.wait_max == 1

@@ -27,6 +27,7 @@ the run did goes to a trace (a file), so a violation comes with a reproducer.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -436,8 +437,10 @@ class FuzzRun:
         self.result.ops_by_kind[op.kind] += 1
         self.watchdog.progress()
         cancelled = scope.cancelled_caught
-        self.oracle.duration(op, took, hung=bound.cancelled_caught, cancelled=cancelled,
-                             reachable=self.availability.reachable_for(took))
+        hung = bound.cancelled_caught
+        self.oracle.duration(op, took, hung=hung, cancelled=cancelled,
+                             reachable=self.availability.reachable_for(took) if hung
+                             else math.inf)  # (only a hang needs it)
         if bound.cancelled_caught:
             self.oracle.unknown(op)
             return
