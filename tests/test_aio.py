@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 from support.cli import blockdrv as command
-from support.deadline import process_deadline
+from support.deadline import deadline_fixture
 from support.peers import Nbdkit, QemuNbd, sparse_image
 from support.streams import WrappedStream
 
@@ -33,10 +33,7 @@ pytestmark = pytest.mark.interop
 BLOCK = 65536
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with process_deadline(90):
-        yield
+deadline = deadline_fixture(90)
 
 
 def run(main: Callable[[], Awaitable[Any]], timeout: float = 60) -> Any:

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support.deadline import process_deadline
+from support.deadline import deadline_fixture
 from support.peers import EmbeddedServer, Nbdkit
 
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, sync
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.interop
 BLOCK = 65536
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with process_deadline(60):
-        yield
+deadline = deadline_fixture(60)
 
 
 @pytest.mark.parametrize("server", ["embedded", "nbdkit"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import faulthandler
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
+
+import pytest
 
 
 @contextmanager
@@ -15,3 +17,15 @@ def process_deadline(seconds: float) -> Iterator[None]:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def deadline_fixture(seconds: float) -> Any:
+    """An autouse fixture putting every test of a module under ``process_deadline``:
+    ``deadline = deadline_fixture(60)`` at module level."""
+
+    @pytest.fixture(autouse=True)
+    def deadline() -> Iterator[None]:
+        with process_deadline(seconds):
+            yield
+
+    return deadline
