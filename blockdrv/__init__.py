@@ -4,6 +4,8 @@ See README.md for the overview and DESIGN.md (in the project's shared folder) fo
 architecture.  The public names are re-exported here.
 """
 
+from .block.node import BlockRange
+from .io.tls import TLSError, TLSMode
 from .nbd import (
     Device,
     DeviceStatistics,
@@ -13,7 +15,6 @@ from .nbd import (
     State,
     open_nbd,
 )
-from .node import BlockRange
 from .protocol.constants import StateFlag
 from .protocol.errors import (
     ConnectError,
@@ -28,7 +29,6 @@ from .protocol.errors import (
 )
 from .protocol.export import ExportEntry, ExportInfo
 from .protocol.uri import NBDAddress, parse_uri
-from .tls import TLSError, TLSMode
 
 __version__ = "0.1.0"
 

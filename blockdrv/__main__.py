@@ -1,5 +1,5 @@
 """``python -m blockdrv`` runs the ``blockdrv`` command."""
 
-from .cli import main
+from .cli.main import main
 
 main()

@@ -37,9 +37,8 @@ import outcome
 import trio
 
 from . import nbd
-from .loopthread import DeviceLoop, LoopDeviceView, closed_error
-from .mirror import parameters_of
-from .node import BLOCK_STATUS_WINDOW, BlockRange, BlockStatus, Extent
+from ._bridge import DeviceLoop, LoopDeviceView, closed_error, parameters_of
+from .block.node import BLOCK_STATUS_WINDOW, BlockRange, BlockStatus, Extent
 from .protocol.errors import ConnectionLostError
 from .protocol.uri import NBDAddress
 

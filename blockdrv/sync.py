@@ -24,9 +24,8 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import trio
 
 from . import nbd
-from .loopthread import DeviceLoop, LoopDeviceView, closed_error
-from .mirror import parameters_of
-from .node import BlockStatus, Extent
+from ._bridge import DeviceLoop, LoopDeviceView, closed_error, parameters_of
+from .block.node import BlockStatus, Extent
 from .protocol.errors import ConnectionLostError
 from .protocol.uri import NBDAddress
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from blockdrv.fuzz.servers import Nbdkit  # noqa: E402
-from blockdrv.units import parse_size  # noqa: E402
+from blockdrv.util.units import parse_size  # noqa: E402
 
 
 def sha256(path: Path) -> str:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support.peers import EmbeddedServer, Nbdkit  # noqa: E402
 
-from blockdrv.units import format_size, parse_size  # noqa: E402
+from blockdrv.util.units import format_size, parse_size  # noqa: E402
 
 BENCH_REQUEST = 64 * 1024
 

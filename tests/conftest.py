@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 from support.peers import Peer, make_server, sparse_image
 
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 @pytest.fixture

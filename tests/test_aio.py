@@ -26,7 +26,7 @@ from support.streams import WrappedStream
 
 import blockdrv
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, aio
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

@@ -10,10 +10,10 @@ import pytest
 import trio
 from support.inprocess import open_in_process
 
-from blockdrv.benchmark import run_bench
+from blockdrv.bench.engine import run_bench
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 async def _bench(raises: type[Exception] | None = None, match: str = "", **kwargs):

@@ -23,7 +23,7 @@ from blockdrv.block import (
     replace_node,
 )
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 def device(size=4 * MiB, **options):

@@ -11,10 +11,10 @@ from support.inprocess import open_in_process
 from support.peers import Nbdkit
 
 from blockdrv import InvalidArgumentError, open_nbd
-from blockdrv.node import BLOCK_STATUS_WINDOW, BlockNode, BlockRange, BlockStatus, Extent
+from blockdrv.block.node import BLOCK_STATUS_WINDOW, BlockNode, BlockRange, BlockStatus, Extent
 from blockdrv.protocol.constants import BASE_ALLOCATION, StateFlag
 from blockdrv.protocol.export import ExportInfo
-from blockdrv.units import GiB
+from blockdrv.util.units import GiB
 
 BITMAP = "qemu:dirty-bitmap:b0"
 

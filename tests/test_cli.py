@@ -17,7 +17,7 @@ import pytest
 from support.cli import blockdrv
 from support.peers import SERVER_KINDS, EmbeddedServer, Nbdkit, QemuNbd, file_server, nbdinfo_json
 
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

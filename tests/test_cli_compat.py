@@ -19,7 +19,7 @@ from support.cli import blockdrv
 from support.peers import EmbeddedServer, Nbdkit, QemuNbd, file_server
 from test_cli import patterned_image, sha256
 
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import pytest
 from support.peers import QemuNbd
 
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

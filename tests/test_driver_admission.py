@@ -19,7 +19,7 @@ from support.peers import Nbdkit
 from blockdrv import open_nbd
 from blockdrv.nbd.admission import Admission
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 async def callers(dev, n: int, seconds: float) -> tuple[list[int], list[float], list[float]]:

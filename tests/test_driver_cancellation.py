@@ -28,7 +28,7 @@ from blockdrv import (
     open_nbd,
 )
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 @pytest.mark.parametrize("stall, reconnects", [(3, 0), (10, 1)],

@@ -24,7 +24,7 @@ from blockdrv import ConnectError, ProtocolError, open_nbd
 from blockdrv.nbd.query import list_exports, list_meta_contexts
 from blockdrv.protocol import negotiate, replies, wire
 from blockdrv.protocol.constants import ChunkType, Command
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 class LoopLag:

@@ -12,7 +12,7 @@ from support.peers import ALL_KINDS, Nbdkit, NbdServer, QemuNbd, make_server
 
 from blockdrv import InvalidArgumentError, RequestError, State, open_nbd
 from blockdrv.protocol import StateFlag
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

@@ -22,7 +22,7 @@ from blockdrv import (
     open_nbd,
 )
 from blockdrv.protocol.errors import ConnectError as ConnectErrorBesideTheOthers
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 NOWHERE = "nbd+unix:///?socket=/nonexistent/blockdrv-test.sock"
 

@@ -22,7 +22,7 @@ from blockdrv import (
     State,
     open_nbd,
 )
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 async def test_no_task_reads_an_idle_connection(autojump_clock):
@@ -68,7 +68,7 @@ async def test_read_payload_lands_in_the_callers_buffer(monkeypatch):
     buffer: every recv for the payload targets a slice of that buffer."""
     import socket as stdlib_socket
 
-    from blockdrv.transport import Channel
+    from blockdrv.io.transport import Channel
 
     targets = []
     original = Channel._recv_into

@@ -30,7 +30,7 @@ from blockdrv import (
     State,
     open_nbd,
 )
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 async def test_no_reconnect_delay_reconnects_in_the_background(autojump_clock):

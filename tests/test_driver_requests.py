@@ -20,7 +20,7 @@ from blockdrv import (
     State,
     UnsupportedError,
 )
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 async def test_large_requests_are_split_at_the_servers_maximum():

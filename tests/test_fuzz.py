@@ -19,7 +19,7 @@ from blockdrv.fuzz.proxy import MALFORMED_KINDS, TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import FuzzConfig, FuzzRun
 from blockdrv.nbd import NBDDevice
 from blockdrv.protocol import wire
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

@@ -14,7 +14,7 @@ from blockdrv.fuzz.monitors import FairnessMonitor, MemoryMonitor, StepTimer
 from blockdrv.fuzz.oracle import Circumstances, Oracle
 from blockdrv.fuzz.records import Op
 from blockdrv.protocol.errors import InvalidArgumentError
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 def oracle():

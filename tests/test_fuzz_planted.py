@@ -18,7 +18,7 @@ import trio
 
 from blockdrv.nbd import admission, connection, dispatch
 from blockdrv.protocol import negotiate, replies
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

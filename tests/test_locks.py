@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
+from blockdrv.block.node import Count
 from blockdrv.nbd.locks import FifoMutex
-from blockdrv.node import Count
 
 
 async def test_fifo_mutex_serves_waiters_in_order_and_newcomers_never_overtake():

@@ -14,7 +14,7 @@ from blockdrv import MultiConnDevice, NBDDevice, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.protocol.errors import InvalidArgumentError
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 BLOCK = 4096
 

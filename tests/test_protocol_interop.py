@@ -10,7 +10,7 @@ from support.peers import Nbdkit, make_server
 
 from blockdrv.protocol import Goal, RequestError, StateFlag
 from blockdrv.protocol.constants import TransmissionFlag
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

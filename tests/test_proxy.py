@@ -15,7 +15,7 @@ from support.inprocess import URI, InProcessServer, disk, open_in_process, servi
 from blockdrv import RequestError, State, open_nbd
 from blockdrv.server import Export, MemoryBackend
 from blockdrv.server.node_backend import node_export, segments
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 @asynccontextmanager

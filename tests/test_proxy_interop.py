@@ -25,11 +25,11 @@ from support.peers import EmbeddedServer, Nbdkit, Peer, QemuNbd, sparse_image
 
 from blockdrv import State
 from blockdrv.nbd import Device
+from blockdrv.nbd.opening import ClientOptions
 from blockdrv.server import NBDServer
 from blockdrv.server.node_backend import node_export
 from blockdrv.server.upstream import UpstreamOptions, open_upstream
-from blockdrv.tools.opening import ClientOptions
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

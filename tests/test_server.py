@@ -22,7 +22,7 @@ from blockdrv.protocol import (
     StateFlag,
 )
 from blockdrv.server import Export, MemoryBackend, NBDServer
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -29,7 +29,7 @@ from blockdrv.protocol.options import (
 )
 from blockdrv.protocol.server_negotiate import MAX_OPTIONS, OptionAnswered, ServerNegotiator
 from blockdrv.server import Export, NBDServer
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 CLIENT_FLAGS = encode_client_flags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 

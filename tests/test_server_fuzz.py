@@ -32,7 +32,7 @@ from blockdrv.protocol.options import (
     encode_option,
 )
 from blockdrv.server import Export, MemoryBackend, NBDServer
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 u32 = st.integers(0, 0xFFFFFFFF)
 edge_offsets = st.sampled_from([0, 1, 511, 512, 4096, MiB - 512, MiB, MiB + 1, 1 << 32,

@@ -29,7 +29,7 @@ from blockdrv.protocol.options import (
 )
 from blockdrv.protocol.wire import decode_block_status, decode_error, decode_hole
 from blockdrv.server import Export, NBDServer
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 
 class Sink(trio.abc.Stream):

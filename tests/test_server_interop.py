@@ -17,7 +17,7 @@ from support.peers import EmbeddedServer, nbdinfo_json, sparse_image
 
 from blockdrv.fuzz.servers import ActivatedServer
 from blockdrv.protocol import Command
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

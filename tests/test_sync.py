@@ -17,7 +17,7 @@ from support.peers import EmbeddedServer, Nbdkit
 
 from blockdrv import ConnectError, ConnectionLostError, InvalidArgumentError, sync
 from blockdrv.protocol.errors import UnsupportedError
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

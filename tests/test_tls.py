@@ -22,11 +22,11 @@ from support.peers import EmbeddedServer, Nbdkit, QemuNbd, sparse_image
 from support.streams import WrappedStream
 
 from blockdrv import InvalidArgumentError, OptionError, ProtocolError, open_nbd
+from blockdrv.io.tls import TLSError, TLSMode, TLSSettings, client_context, server_context
 from blockdrv.protocol.constants import OPTION_REPLY_MAGIC, Option, OptionReply
 from blockdrv.protocol.options import encode_option
 from blockdrv.server import Export, MemoryBackend
-from blockdrv.tls import TLSError, TLSMode, TLSSettings, client_context, server_context
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 URI = "nbds+unix:///?socket=/in-process"
 PLAIN_URI = "nbd+unix:///?socket=/in-process"

@@ -96,7 +96,7 @@ def test_list_exports_tls_spelling(tmp_path):
 def test_public_async_calls_state_what_they_raise():
     from blockdrv import MultiConnDevice, NBDDevice
     from blockdrv.aio import AioDevice, AioDrainedSection
-    from blockdrv.node import DrainedSection
+    from blockdrv.block.node import DrainedSection
 
     silent = []
     for cls in (NBDDevice, MultiConnDevice, DrainedSection, AioDevice, AioDrainedSection):

@@ -7,10 +7,10 @@ port, :func:`remove_filter` takes it off, :func:`replace_node` redirects a node,
 inside a drained section so nothing fails and nothing is lost.
 """
 
-from ..node import BlockNode, Bypass, Extent
 from .fault import FaultFilter, FaultRule
 from .filter import FilterNode
 from .graph import insert_filter, remove_filter, replace_node
+from .node import BlockNode, Bypass, Extent
 from .throttle import ThrottleFilter
 from .trace import TraceFilter, TraceRecord
 

@@ -17,11 +17,11 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..node import BlockNode
 from ..protocol.constants import Command
 from ..protocol.errors import InvalidArgumentError, RequestError, describe_errno
-from ..triggers import Trigger, commands_of, first_firing
 from .filter import FilterNode
+from .node import BlockNode
+from .triggers import Trigger, commands_of, first_firing
 
 
 @dataclass(eq=False)

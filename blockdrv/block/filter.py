@@ -16,8 +16,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
-from ..node import BlockNode, BlockStatus
 from ..protocol.constants import Command
+from .node import BlockNode, BlockStatus
 
 if TYPE_CHECKING:
     from ..protocol.export import ExportInfo

@@ -9,9 +9,9 @@ proxy pointers is the drained section.)
 
 from __future__ import annotations
 
-from ..node import BlockNode
 from ..protocol.errors import InvalidArgumentError
 from .filter import FilterNode
+from .node import BlockNode
 
 
 async def insert_filter(node: BlockNode, filter: FilterNode) -> None:

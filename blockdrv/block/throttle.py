@@ -19,9 +19,9 @@ from typing import Any, Awaitable, Callable
 import trio
 from trio_util import RepeatedEvent
 
-from ..node import BlockNode
 from ..protocol.constants import Command
 from .filter import FilterNode
+from .node import BlockNode
 
 _PAYLOAD = (Command.READ, Command.WRITE)
 _UNCHANGED: Any = object()

@@ -14,9 +14,9 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..node import BlockNode
 from ..protocol.constants import Command
 from .filter import FilterNode
+from .node import BlockNode
 
 _KIND = {Command.READ: "read", Command.WRITE: "write", Command.WRITE_ZEROES: "zero",
          Command.TRIM: "trim", Command.FLUSH: "flush", Command.CACHE: "cache",

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..protocol.errors import InvalidArgumentError
-from ..units import MiB as MiB
+from ..util.units import MiB as MiB
 
 NETWORK_FAULTS = ("kill", "cut", "reset", "stall", "delay", "malformed")
 HOSTILE_FAULTS = ("duplicate", "flood", "tiny-chunks", "unrequested-context", "slowloris")

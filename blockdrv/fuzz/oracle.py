@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..block.node import Extent
 from ..nbd import State
-from ..node import Extent
 from ..protocol.errors import ConnectionLostError, ProtocolError, RequestError
 from .availability import HANG_REACHABLE
 from .config import FuzzConfig

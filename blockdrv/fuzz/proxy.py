@@ -51,6 +51,7 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
+from ..io.transport import open_stream, open_unix_listener, remove_socket_file
 from ..protocol.constants import STRUCTURED_REPLY_MAGIC, ChunkType, Option, OptionReply
 from ..protocol.errors import ProtocolError
 from ..protocol.options import (
@@ -68,7 +69,6 @@ from ..protocol.wire import (
     encode_simple_reply,
 )
 from ..server.faults import MALFORMED_KINDS as MALFORMED_KINDS  # also offered from here
-from ..transport import open_stream, open_unix_listener, remove_socket_file
 from .availability import Availability
 from .flood import HANDSHAKE_FLOODS, FloodSpec, pour
 from .observer import StreamObserver

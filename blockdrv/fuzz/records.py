@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from ..latency import quantiles
+from ..bench.latency import quantiles
 from .config import FuzzConfig
 
 

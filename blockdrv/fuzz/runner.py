@@ -42,7 +42,7 @@ from trio_util import AsyncValue
 
 from ..nbd import Device, MultiConnDevice, NBDDevice, State, open_nbd
 from ..protocol.errors import ConnectionLostError, NBDError, ProtocolError, RequestError
-from ..taskgroups import first_failure
+from ..util.taskgroups import first_failure
 from .availability import Availability
 from .config import PROTOCOL_BREAKING, FuzzConfig, MiB
 from .harness import ServerHarness, make_server

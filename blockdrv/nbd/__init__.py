@@ -1,6 +1,6 @@
 """The NBD client driver (DESIGN.md section 3): open_nbd, NBDDevice, states."""
 
-from ..node import Extent
+from ..block.node import Extent
 from ..protocol.errors import ConnectError
 from .device import DeviceStatistics, NBDDevice
 from .multiconn import MultiConnDevice

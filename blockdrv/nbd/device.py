@@ -75,7 +75,8 @@ from dataclasses import dataclass
 import trio
 from trio_util import AsyncValue
 
-from ..node import BLOCK_STATUS_WINDOW, BlockNode, BlockStatus, Extent
+from ..block.node import BLOCK_STATUS_WINDOW, BlockNode, BlockStatus, Extent
+from ..io.transport import Channel, TransportError
 from ..protocol.constants import Command, CommandFlag
 from ..protocol.errors import (
     ConnectError,
@@ -89,7 +90,6 @@ from ..protocol.export import ExportInfo, check_request
 from ..protocol.replies import ReplyCursor
 from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_request
-from ..transport import Channel, TransportError
 from .admission import Admission, AdmissionMonitor
 from .connection import ClientConnection, worth_retrying_open
 from .dispatch import MAX_SLOTS, Dispatcher, ReplyLost, Session, Slot

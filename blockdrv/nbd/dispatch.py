@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import trio
 
+from ..io.transport import DEFAULT_READ_AHEAD, Channel
 from ..protocol.errors import ProtocolError
 from ..protocol.events import BlockStatus, ReadHole
 from ..protocol.export import ExportInfo
 from ..protocol.replies import READ_DATA, READ_OFFSET, READ_PAYLOAD, ReplyCursor
 from ..protocol.wire import ReplyHeader, decode_reply_header, reply_header_sizes
-from ..transport import DEFAULT_READ_AHEAD, Channel
 from .locks import FifoMutex
 
 CHECKPOINT_CHUNKS = 16

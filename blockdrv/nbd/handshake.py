@@ -14,6 +14,8 @@ from typing import Awaitable, Callable, Sequence
 
 import trio
 
+from ..io.tls import NO_TLS, TLSError, TLSSettings, upgrade
+from ..io.transport import Channel, TransportError, open_stream
 from ..protocol import (
     NEED_DATA,
     ClientNegotiator,
@@ -26,8 +28,6 @@ from ..protocol import (
 from ..protocol.errors import ConnectionLostError
 from ..protocol.negotiate import Phase
 from ..protocol.uri import NBDAddress
-from ..tls import NO_TLS, TLSError, TLSSettings, upgrade
-from ..transport import Channel, TransportError, open_stream
 
 StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
 

@@ -34,7 +34,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeV
 
 from trio_util import AsyncValue, compose_values
 
-from ..node import BlockNode, BlockStatus
+from ..block.node import BlockNode, BlockStatus
 from ..protocol.errors import ConnectError, InvalidArgumentError
 from ..protocol.export import ExportInfo
 from ..protocol.uri import NBDAddress

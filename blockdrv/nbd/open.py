@@ -17,11 +17,11 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
+from ..io.tls import TLSMode, client_settings
 from ..protocol.constants import BASE_ALLOCATION
 from ..protocol.errors import InvalidArgumentError
 from ..protocol.uri import NBDAddress, parse_uri
-from ..taskgroups import reraise_alone
-from ..tls import TLSMode, client_settings
+from ..util.taskgroups import reraise_alone
 from .device import NBDDevice
 from .dispatch import MAX_SLOTS
 from .handshake import HandshakeOptions, StreamFactory

@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import trio
 
+from ..io.tls import TLSMode, client_settings
 from ..protocol import Goal
 from ..protocol.errors import ConnectError, InvalidArgumentError, NBDError
 from ..protocol.events import ExportsListed, MetaContextsListed
 from ..protocol.export import ExportEntry
 from ..protocol.uri import NBDAddress, parse_uri
-from ..tls import TLSMode, client_settings
 from .handshake import HandshakeOptions, StreamFactory, connect
 
 TIMEOUT = 30.0  # seconds a server may take to answer the whole question

@@ -12,8 +12,8 @@ from typing import Mapping
 
 from trio_util import AsyncValue
 
+from ..io.tls import NO_TLS, TLSSettings
 from ..protocol.server_negotiate import ExportOffer
-from ..tls import NO_TLS, TLSSettings
 from .export import Export
 
 MiB = 1024 * 1024

@@ -57,6 +57,8 @@ from typing import Awaitable, Callable, Iterable, Iterator
 
 import trio
 
+from ..io.tls import TLSError, upgrade
+from ..io.transport import Channel, TransportError
 from ..protocol.constants import (
     ALLOWED_COMMAND_FLAGS,
     BASE_ALLOCATION,
@@ -83,8 +85,6 @@ from ..protocol.wire import (
     encode_simple_reply,
     request_size,
 )
-from ..tls import TLSError, upgrade
-from ..transport import Channel, TransportError
 from .backends import MAX_EXTENTS, FastZeroUnsupported
 from .config import ServerConfig, ServerCounters
 from .export import Export

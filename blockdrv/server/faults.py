@@ -66,6 +66,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import trio
 
+from ..block.triggers import Trigger, command_of, commands_of, first_firing
 from ..protocol.constants import (
     ChunkType,
     Command,
@@ -86,7 +87,6 @@ from ..protocol.wire import (
     encode_chunk_header,
     encode_error_chunk,
 )
-from ..triggers import Trigger, command_of, commands_of, first_firing
 
 MALFORMED_KINDS = ("bad-magic", "unknown-cookie", "oversized-length")
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..node import BLOCK_STATUS_WINDOW, BlockNode
+from ..block.node import BLOCK_STATUS_WINDOW, BlockNode
 from ..protocol.constants import BASE_ALLOCATION, TransmissionFlag
 from .backends import MAX_EXTENTS, Backend, Extents, Segment
 from .export import Export

@@ -16,7 +16,7 @@ from typing import Callable
 
 import trio
 
-from ..taskgroups import first_failure
+from ..util.taskgroups import first_failure
 from .server import NBDServer
 
 SD_LISTEN_FDS_START = 3

@@ -53,9 +53,9 @@ from typing import Iterable, Sequence
 import trio
 from trio_util import AsyncValue
 
+from ..io.tls import NO_TLS, TLSMode, TLSSettings
+from ..io.transport import open_unix_listener, remove_socket_file, tune_socket
 from ..protocol.uri import NBDAddress
-from ..tls import NO_TLS, TLSMode, TLSSettings
-from ..transport import open_unix_listener, remove_socket_file, tune_socket
 from .config import DEFAULT_BUFFER_BUDGET, ServerConfig, ServerCounters
 from .connection import ServerConnection
 from .export import Export

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..nbd import Device
+from ..nbd.opening import ClientOptions, address_of, ask, open_device
 from ..nbd.query import list_meta_contexts
 from ..protocol.constants import BASE_ALLOCATION
 from ..protocol.errors import ConnectError, OptionError
 from ..protocol.uri import NBDAddress
-from ..tools.opening import ClientOptions, address_of, ask, open_device
 
 
 @dataclass(frozen=True)

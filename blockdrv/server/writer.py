@@ -30,7 +30,7 @@ from typing import Awaitable, Callable, NamedTuple
 
 import trio
 
-from ..transport import Channel
+from ..io.transport import Channel
 
 Buffer = bytes | bytearray | memoryview
 Buffers = list[Buffer]

@@ -22,7 +22,7 @@ from blockdrv import NBDError, State, open_nbd
 from blockdrv.block import TraceFilter, insert_filter
 from blockdrv.fuzz.proxy import TO_CLIENT, TO_SERVER
 from blockdrv.fuzz.runner import OP_KINDS, FuzzConfig, FuzzRun
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 

@@ -23,7 +23,7 @@ import trio.testing
 from blockdrv import open_nbd
 from blockdrv.server import Export, MemoryBackend, NBDServer
 from blockdrv.server.connection import ServerConnection
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 from support.client import AsyncClient
 from support.raw import RawClient
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from blockdrv.protocol import ReadData, ReadHole
 from blockdrv.server import Backend, FileBackend, MemoryBackend
-from blockdrv.units import MiB
+from blockdrv.util.units import MiB
 from support.client import AsyncClient
 
 STORE_KINDS = ["memory", "file"]

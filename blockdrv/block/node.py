@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, NamedTuple, Proto
 import trio
 from trio_util import AsyncValue
 
-from .protocol.constants import BASE_ALLOCATION, StateFlag
-from .protocol.errors import DeadlockError, InvalidArgumentError, UnsupportedError
+from ..protocol.constants import BASE_ALLOCATION, StateFlag
+from ..protocol.errors import DeadlockError, InvalidArgumentError, UnsupportedError
 
 if TYPE_CHECKING:
-    from .protocol.export import ExportInfo
+    from ..protocol.export import ExportInfo
 
 
 class Extent(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
-from ..node import BlockNode, Extent
+from ..block.node import BlockNode, Extent
 from ..protocol.constants import BASE_ALLOCATION
 
 WINDOW = 1 << 30  # bytes asked about per BLOCK_STATUS round (the driver splits further)

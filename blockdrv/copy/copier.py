@@ -38,9 +38,9 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from ..node import Extent
+from ..block.node import Extent
 from ..protocol.constants import StateFlag
-from ..taskgroups import first_failure
+from ..util.taskgroups import first_failure
 from .endpoints import Endpoint, StreamEndpoint
 from .extents import WINDOW
 

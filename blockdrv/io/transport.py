@@ -44,7 +44,7 @@ from typing import Mapping
 
 import trio
 
-from .protocol.uri import NBDAddress
+from ..protocol.uri import NBDAddress
 
 DEFAULT_READ_AHEAD = 64 * 1024
 

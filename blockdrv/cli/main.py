@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeV
 import click
 import trio
 
-from . import __version__
-from .units import parse_size
+from .. import __version__
+from ..util.units import parse_size
 
 if TYPE_CHECKING:
-    from .tools.opening import ClientOptions
+    from ..nbd.opening import ClientOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -81,7 +81,7 @@ def one_line_errors(func: F) -> F:
 def run(fn: Callable[[], Awaitable[T]]) -> T:
     """``trio.run(fn)``, where SIGINT cancels ``fn`` (its cleanup runs) and raises
     :class:`Interrupted`; a failure comes out as itself, never in an ExceptionGroup."""
-    from .taskgroups import first_failure
+    from ..util.taskgroups import first_failure
 
     interrupted = False
 
@@ -117,7 +117,7 @@ def client_options(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, reconnect_delay: float, open_timeout: float,
                 connect_timeout: float, **kwargs: Any) -> Any:
-        from .tools.opening import ClientOptions
+        from ..nbd.opening import ClientOptions
 
         options = ClientOptions(reconnect_delay=reconnect_delay, open_timeout=open_timeout,
                                 connect_timeout=connect_timeout)
@@ -271,8 +271,8 @@ def serve(ctx: click.Context, memory: int | None, path: str | None, upstream: st
     --unix or --port it uses sockets from systemd socket activation if any, else
     127.0.0.1:10809.
     """
-    from .server import Export, FileBackend, MemoryBackend, NBDServer
-    from .server.run import serve_until_signalled
+    from ..server import Export, FileBackend, MemoryBackend, NBDServer
+    from ..server.run import serve_until_signalled
 
     if sum(source is not None for source in (memory, path, upstream)) != 1:
         raise click.UsageError("give exactly one of --memory SIZE, --file PATH or "
@@ -324,8 +324,8 @@ def serve(ctx: click.Context, memory: int | None, path: str | None, upstream: st
     serving = functools.partial(serve_until_signalled, unix=unix, bind=bind, port=port,
                                 announce=announce)
     if upstream is not None:
-        from .server.upstream import UpstreamOptions
-        from .tools.opening import ClientOptions
+        from ..nbd.opening import ClientOptions
+        from ..server.upstream import UpstreamOptions
 
         tls = {"tls": upstream_tls, "ca": upstream_tls_ca, "cert": upstream_tls_cert,
                "key": upstream_tls_key}
@@ -360,8 +360,8 @@ async def _serve_upstream(uri: str, options: Any, configure: Callable[[Any], Any
                           serving: Callable[[Any], Awaitable[None]], name: str,
                           **export_args: Any) -> None:
     """``serve --upstream``: open the upstream, serve its mirror until a signal."""
-    from .server.node_backend import node_export
-    from .server.upstream import open_upstream
+    from ..server.node_backend import node_export
+    from ..server.upstream import open_upstream
 
     async with open_upstream(uri, options) as node:
         await serving(configure(node_export(name, node, **export_args)))
@@ -399,8 +399,8 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
     """
     import json
 
-    from .benchmark import run_bench
-    from .tools.opening import open_device
+    from ..bench.engine import run_bench
+    from ..nbd.opening import open_device
 
     async def bench_run() -> dict[str, Any]:
         async with open_device(uri, options, max_in_flight=max(depth, 16),
@@ -412,8 +412,8 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
         return result.summary()
 
     async def bench_run_asyncio() -> dict[str, Any]:
-        from .aio import open_nbd as open_aio
-        from .benchmark_aio import run_bench_aio
+        from ..aio import open_nbd as open_aio
+        from ..bench.engine_aio import run_bench_aio
 
         async with open_aio(uri, **options.open_kwargs(), max_in_flight=max(depth, 16),
                             socket_buffer_size=socket_buffer) as dev:
@@ -470,8 +470,8 @@ def info(uri: str, as_json: bool, size_only: bool, can: str | None, is_: str | N
     """What the server says about an export (like nbdinfo)."""
     import json
 
-    from .tools.describe import export_lines, feature_test, protocol_fields, protocol_line
-    from .tools.opening import address_of, open_device
+    from ..nbd.opening import address_of, open_device
+    from .describe import export_lines, feature_test, protocol_fields, protocol_line
 
     if can and is_:
         raise click.UsageError("give --can or --is, not both")
@@ -508,7 +508,7 @@ def _export_fields(export_info: Any, address: Any, listed: list[str],
                    description: str | None = None) -> dict[str, Any]:
     from dataclasses import replace
 
-    from .tools.describe import export_fields
+    from .describe import export_fields
 
     return export_fields(export_info, uri=str(replace(address, export=export_info.name)),
                          contexts=set(export_info.contexts) | set(listed),
@@ -518,8 +518,8 @@ def _export_fields(export_info: Any, address: Any, listed: list[str],
 async def _contexts(address: Any, options: ClientOptions) -> list[str]:
     """Every metadata context the export lists (as nbdinfo shows them); [] when the
     server will not say."""
-    from .nbd.query import list_meta_contexts
-    from .tools.opening import ClientOptions, ask
+    from ..nbd.opening import ClientOptions, ask
+    from ..nbd.query import list_meta_contexts
 
     try:
         return await ask(functools.partial(list_meta_contexts, address), address,
@@ -541,9 +541,9 @@ def list_command(uri: str, as_json: bool, options: ClientOptions) -> None:
     import json
     from dataclasses import replace
 
-    from .nbd.query import list_exports
-    from .tools.describe import export_lines, protocol_fields, protocol_line
-    from .tools.opening import address_of, ask, open_device
+    from ..nbd.opening import address_of, ask, open_device
+    from ..nbd.query import list_exports
+    from .describe import export_lines, protocol_fields, protocol_line
 
     address = address_of(uri)
 
@@ -590,10 +590,10 @@ def map_command(uri: str, context: str, totals: bool, as_json: bool,
     """Extents of an export (merged runs of equal flags), like nbdinfo --map."""
     import json
 
-    from .tools.describe import extent_line, total_json, total_line
-    from .tools.extents import describe_flags, map_extents
-    from .tools.extents import totals as sum_types
-    from .tools.opening import address_of, open_device
+    from ..copy.extents import describe_flags, map_extents
+    from ..copy.extents import totals as sum_types
+    from ..nbd.opening import address_of, open_device
+    from .describe import extent_line, total_json, total_line
 
     address = address_of(uri)
 
@@ -680,9 +680,9 @@ def copy_command(source: str, destination: str, connections: int, requests: int,
     """
     import contextlib
 
-    from .tools.copy import copy
-    from .tools.endpoints import open_endpoint
-    from .tools.progress import Progress, terminal_bar
+    from ..copy.copier import copy
+    from ..copy.endpoints import open_endpoint
+    from .progress import Progress, terminal_bar
 
     if destination == "-":  # a closed pipe ends the copy as it ends nbdcopy
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -729,7 +729,7 @@ def _copy_destination(spec: str) -> str:
 
 def copy_summary(result: Any) -> str:
     """The line ``blockdrv copy`` ends with: the logical size and what moved."""
-    from .units import format_size
+    from ..util.units import format_size
 
     line = (f"copied {result.size} bytes ({format_size(result.size)}) in "
             f"{result.seconds:.2f} s, {result.mib_s:.1f} MiB/s of logical size; "
@@ -745,7 +745,7 @@ def copy_summary(result: Any) -> str:
 
 def _server_tls(mode: str | None, cert: str | None, key: str | None,
                 ca: str | None) -> Any:
-    from .tls import NO_TLS, TLSMode, TLSSettings, server_context
+    from ..io.tls import NO_TLS, TLSMode, TLSSettings, server_context
 
     if mode is None and (key or ca) and not cert:
         raise click.UsageError("--tls-key/--tls-ca given without --tls-cert")

@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 import trio
 
+from ..block.node import BlockNode
+from ..util.taskgroups import first_failure
 from .latency import quantile, quantiles
-from .node import BlockNode
-from .taskgroups import first_failure
 
 PATTERNS = ("read", "write", "mixed")
 GiB = 1 << 30

@@ -17,13 +17,18 @@ which waits (bounded by ``reconnect_delay`` + ``cancel_timeout``) for the reques
 flight and fails those still waiting; whatever is left in ``calls`` after that (a
 ``wait_connected()``) is cancelled.  ``on_opened`` is called (in the loop thread) once
 the open succeeded or failed, ``on_ended`` once the loop is about to end.
+
+``parameters_of`` gives ``blockdrv.sync.open_nbd`` and ``blockdrv.aio.open_nbd`` exactly the
+parameters of :func:`blockdrv.open_nbd` (a ``ParamSpec`` for type checkers, the model's
+signature for ``help()``), so the twenty parameters are written once.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, ParamSpec, TypeVar
 
 import trio
 
@@ -31,7 +36,10 @@ from . import nbd
 from .protocol.errors import ConnectionLostError
 from .protocol.export import ExportInfo
 from .protocol.uri import NBDAddress
-from .taskgroups import first_failure
+from .util.taskgroups import first_failure
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def closed_error() -> ConnectionLostError:
@@ -172,3 +180,13 @@ class LoopDeviceView:
     def __repr__(self) -> str:
         device = None if self._device_loop is None else self._device_loop.device
         return f"<{type(self).__name__} {device!r}>"
+
+def parameters_of(model: Callable[P, Any]) -> Callable[[Callable[..., R]], Callable[P, R]]:
+    """Declare that the decorated function takes exactly ``model``'s parameters."""
+    def apply(function: Callable[..., R]) -> Callable[P, R]:
+        returns = inspect.signature(function).return_annotation
+        function.__signature__ = inspect.signature(model).replace(  # type: ignore[attr-defined]
+            return_annotation=returns)
+        return function
+
+    return apply

@@ -29,11 +29,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import trio
 
-from ..nbd import ConnectError, Device, open_nbd
-from ..nbd.connection import ClientConnection, worth_retrying_open
 from ..protocol.constants import OptionReply
 from ..protocol.errors import NBDError, OptionError
 from ..protocol.uri import NBDAddress, parse_uri
+from . import ConnectError, Device, open_nbd
+from .connection import ClientConnection, worth_retrying_open
 
 T = TypeVar("T")
 

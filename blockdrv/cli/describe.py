@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterable
 
+from ..copy.extents import Total
 from ..protocol.export import ExportInfo
-from .extents import Total
 
 _UNITS = ("", "K", "M", "G", "T", "P", "E")
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .protocol.errors import InvalidArgumentError, NBDError, ProtocolError
-from .protocol.negotiate import TLSMode
-from .protocol.uri import NBDAddress
+from ..protocol.errors import InvalidArgumentError, NBDError, ProtocolError
+from ..protocol.negotiate import TLSMode
+from ..protocol.uri import NBDAddress
 from .transport import Channel
 
 __all__ = ["NO_TLS", "TLSError", "TLSMode", "TLSSettings", "client_context", "client_settings",

@@ -8,9 +8,9 @@ import asyncio
 import os
 import time
 
-from .aio import AioDevice
-from .benchmark import BenchResult, Load, check_bench, result_of
-from .taskgroups import first_failure
+from ..aio import AioDevice
+from ..util.taskgroups import first_failure
+from .engine import BenchResult, Load, check_bench, result_of
 
 
 async def run_bench_aio(dev: AioDevice, *, pattern: str = "read", request_size: int = 4096,

@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Iterable
 
-from .protocol.constants import Command
-from .protocol.errors import InvalidArgumentError
+from ..protocol.constants import Command
+from ..protocol.errors import InvalidArgumentError
 
 
 def command_of(value: Command | int | str) -> Command:

@@ -1,0 +1,1 @@
+"""Byte transports: TCP, Unix and TLS streams for trio, and TLS contexts."""

@@ -1,0 +1,1 @@
+"""Small helpers with no blockdrv dependencies: size units and task-group errors."""
