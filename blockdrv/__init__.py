@@ -5,7 +5,7 @@ architecture.  The public names are re-exported here.
 """
 
 from .block.node import BlockRange
-from .io.tls import TLSError, TLSMode
+from .io.tls import TLSMode
 from .nbd import (
     Device,
     DeviceStatistics,
@@ -25,6 +25,7 @@ from .protocol.errors import (
     OptionError,
     ProtocolError,
     RequestError,
+    TLSError,
     UnsupportedError,
 )
 from .protocol.export import ExportEntry, ExportInfo

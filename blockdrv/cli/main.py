@@ -20,7 +20,7 @@ import click
 import trio
 
 from .. import __version__
-from ..util.units import parse_size
+from ..util.params import SIZE
 
 if TYPE_CHECKING:
     from ..nbd.opening import ClientOptions
@@ -29,20 +29,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
-class SizeType(click.ParamType):  # type: ignore[type-arg]
-    """A byte count with an optional K/M/G/T suffix."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> int:
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE = SizeType()
 
 
 def _file_option(flag: str, help: str) -> Callable[[F], F]:

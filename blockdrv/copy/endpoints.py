@@ -25,11 +25,11 @@ from typing import AsyncIterator
 import trio
 
 from ..block.node import Extent
+from ..io.files import HOLE_FLAGS, data_runs, pread_full, pwrite_all, zero_range
 from ..nbd import Device
 from ..nbd.opening import ClientOptions, open_device
 from ..protocol.constants import BASE_ALLOCATION
 from ..protocol.uri import is_nbd_uri
-from ..server.backends import HOLE_FLAGS, data_runs, pread_full, pwrite_all, zero_range
 
 
 class Endpoint:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..cli.main import SIZE
+from ..util.params import SIZE
 from .config import ALL_FAULTS, SERVER_KINDS, FuzzConfig, parse_faults
 from .records import FuzzResult, load_reproducer
 from .runner import FuzzRun

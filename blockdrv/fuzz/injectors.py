@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno as _errno
 import random
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import trio
 
@@ -32,7 +32,33 @@ from .config import CLIENT_FAULTS, PROXY_FAULTS, FuzzConfig, MiB
 from .proxy import TO_CLIENT, TO_SERVER
 
 if TYPE_CHECKING:
-    from .runner import FuzzRun
+    from .availability import Availability
+    from .harness import ServerHarness
+    from .proxy import FaultProxy
+    from .records import FuzzResult
+    from .watchdog import Watchdog
+
+
+class FaultTarget(Protocol):
+    """What an :class:`Injector` needs of its run (:class:`~blockdrv.fuzz.runner.FuzzRun`
+    is one), so the injector does not depend on the runner that owns it."""
+
+    config: FuzzConfig
+    result: FuzzResult
+    availability: Availability
+    cancel_scopes: dict[int, trio.CancelScope]
+    start: float
+    watchdog: Watchdog
+
+    @property
+    def proxy(self) -> FaultProxy: ...
+    @property
+    def harness(self) -> ServerHarness: ...
+    @property
+    def device(self) -> Device | None: ...
+    def record(self, entry: dict[str, Any]) -> None: ...
+    def report(self, operation: str, expected: str, found: str,
+               invariant: str = "") -> None: ...
 
 _FLOOD_WHERE = ("reply", "handshake", "list", "contexts")
 _BREAKS_A_CONNECTION = ("cut", "reset", "malformed", "duplicate", "flood",
@@ -54,7 +80,7 @@ def keeps_the_server_away(kind: str, params: dict[str, Any]) -> float | None:
 class Injector:
     """Faults for one run (see the module docstring)."""
 
-    def __init__(self, run: FuzzRun) -> None:
+    def __init__(self, run: FaultTarget) -> None:
         self.run = run
         self.config: FuzzConfig = run.config
         self.rng = random.Random(run.config.seed + 1)

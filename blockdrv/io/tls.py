@@ -34,19 +34,13 @@ from dataclasses import dataclass
 
 import trio
 
-from ..protocol.errors import InvalidArgumentError, NBDError, ProtocolError
+from ..protocol.errors import InvalidArgumentError, ProtocolError, TLSError
 from ..protocol.negotiate import TLSMode
 from ..protocol.uri import NBDAddress
 from .transport import Channel
 
 __all__ = ["NO_TLS", "TLSError", "TLSMode", "TLSSettings", "client_context", "client_settings",
            "server_context", "upgrade"]
-
-
-class TLSError(NBDError):
-    """TLS could not be set up (refused, failed handshake, certificate problems)."""
-
-    default_errno = errno.EPROTO
 
 
 @dataclass(frozen=True)

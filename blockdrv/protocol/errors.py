@@ -100,3 +100,9 @@ class DeadlockError(NBDError):
     that node's own drained section: use the handle the section yields instead."""
 
     default_errno = _errno.EDEADLK
+
+
+class TLSError(NBDError):
+    """TLS could not be set up (refused, failed handshake, certificate problems)."""
+
+    default_errno = _errno.EPROTO

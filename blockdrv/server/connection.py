@@ -57,7 +57,8 @@ from typing import Awaitable, Callable, Iterable, Iterator
 
 import trio
 
-from ..io.tls import TLSError, upgrade
+from ..io.files import FastZeroUnsupported
+from ..io.tls import upgrade
 from ..io.transport import Channel, TransportError
 from ..protocol.constants import (
     ALLOWED_COMMAND_FLAGS,
@@ -70,7 +71,7 @@ from ..protocol.constants import (
     OptionReply,
     errno_to_wire,
 )
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, TLSError
 from ..protocol.events import NEED_DATA, ClientAborted, ExportChosen, StartTLS
 from ..protocol.options import encode_option_reply, encode_rep_meta_context
 from ..protocol.server_negotiate import OptionAnswered, ServerNegotiator
@@ -85,7 +86,7 @@ from ..protocol.wire import (
     encode_simple_reply,
     request_size,
 )
-from .backends import MAX_EXTENTS, FastZeroUnsupported
+from .backends import MAX_EXTENTS
 from .config import ServerConfig, ServerCounters
 from .export import Export
 from .faults import (
