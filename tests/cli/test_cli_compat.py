@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from support.cli import blockdrv
+from support.images import patterned_image, sha256
 from support.peers import EmbeddedServer, Nbdkit, QemuNbd, file_server
-from test_cli import patterned_image, sha256
 
 from blockdrv.util.units import MiB
 

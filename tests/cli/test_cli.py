@@ -6,42 +6,18 @@ against nbdkit, qemu-nbd or the embedded server started on a private socket.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import subprocess
-from pathlib import Path
 
 import pytest
 from support.cli import blockdrv
+from support.images import patterned_image, sha256
 from support.peers import SERVER_KINDS, EmbeddedServer, Nbdkit, QemuNbd, file_server, nbdinfo_json
 
 from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
-
-
-
-
-def patterned_image(path: Path, size: int, seed: int = 1) -> Path:
-    """A sparse image: random data in some 1 MiB pieces, zeroes in some, holes elsewhere."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for at in range(0, size, MiB):
-            roll = rng.random()
-            if roll < 0.3:
-                f.seek(at)
-                f.write(rng.randbytes(MiB // 2))  # half a megabyte of data, then hole
-            elif roll < 0.4:
-                f.seek(at)
-                f.write(bytes(MiB // 4))  # allocated zeroes
-    return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("kind", SERVER_KINDS)

@@ -124,9 +124,9 @@ CASES = {
 # resident set, which an earlier run in the same process (or an earlier test) leaves
 # grown and fragmented, so later growth could reuse freed pages and go unseen.
 CHILD = """
-import json, sys
+import json, os, sys
 import pytest, trio
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
 from test_fuzz_planted import CASES
 from blockdrv.fuzz.cli import main
 from blockdrv.fuzz.config import FuzzConfig

@@ -14,7 +14,7 @@ from support.peers import QemuNbd
 
 pytestmark = pytest.mark.interop
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "incremental_backup.py"
 KiB, MiB = 1024, 1024 * 1024
 GRANULARITY = 64 * KiB  # qcow2's default dirty-bitmap granularity

@@ -28,7 +28,7 @@ from blockdrv.util.units import MiB
 
 pytestmark = pytest.mark.interop
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCKDRV = [sys.executable, "-m", "blockdrv"]
 
 
