@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, NamedTuple, Protocol, Sequence
 
 import trio
-from trio_util import AsyncValue
 
 from ..protocol.constants import BASE_ALLOCATION, StateFlag
 from ..protocol.errors import DeadlockError, InvalidArgumentError, UnsupportedError
+from ..util.count import Count
 
 if TYPE_CHECKING:
     from ..protocol.export import ExportInfo
@@ -140,36 +140,6 @@ class IO(Protocol):
     async def flush(self) -> None: ...
     async def cache(self, count: int, offset: int) -> None: ...
     async def block_status_all(self, count: int, offset: int) -> BlockStatus: ...
-
-
-class Count(AsyncValue):  # type: ignore[misc]  # (trio_util has no type hints)
-    """An ``AsyncValue`` holding a count: the same interface, but setting the value
-    costs one store while nobody waits on it (the port changes ``in_flight`` twice a
-    request; AsyncValue's setter walks its three waiter tables each time, ~1 us a
-    pair).  While anyone waits, every change goes through AsyncValue's setter, which
-    wakes them as usual.
-    """
-
-    @property
-    def value(self) -> int:
-        return self._value
-
-    @value.setter
-    def value(self, new: int) -> None:
-        if self._level_results or self._edge_results or self._transforms:
-            _ASYNC_VALUE_SETTER(self, new)  # someone waits: notify them
-        else:
-            self._value = new
-
-    def add(self, delta: int) -> None:
-        """``value += delta`` in one call (the port's hot path)."""
-        if self._level_results or self._edge_results or self._transforms:
-            _ASYNC_VALUE_SETTER(self, self._value + delta)
-        else:
-            self._value += delta
-
-
-_ASYNC_VALUE_SETTER = AsyncValue.value.fset
 
 
 class BlockNode(abc.ABC):
@@ -308,7 +278,7 @@ class BlockNode(abc.ABC):
 
         Raises: as :meth:`pread`.
         """
-        if self._drains._value:  # (the getter, inlined)
+        if self._drains.value:
             await self._gate()
         in_flight = self.in_flight
         in_flight.add(1)
@@ -330,7 +300,7 @@ class BlockNode(abc.ABC):
 
         Raises: as :meth:`pread`.
         """
-        if self._drains._value:  # (the getter, inlined)
+        if self._drains.value:
             await self._gate()
         in_flight = self.in_flight
         in_flight.add(1)

@@ -101,11 +101,6 @@ class StreamObserver:
         self.ends_done: list[bool] = []  # per end of the last server_data call
         self.option_replies: list[tuple[int, int, int]] = []  # (offset, option, type)
 
-    @property
-    def pending_options(self) -> tuple[int, ...]:
-        """Options the client sent that the server has not finished answering."""
-        return tuple(self._options)
-
     # --- client -> server -------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:

@@ -517,14 +517,3 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
             views[0] = first[n:]
             n = 0
     return views
-
-
-def socket_address_of(sock: trio.socket.SocketType | _stdlib_socket.socket) -> str:
-    """host:port or the Unix path a listening socket is bound to (for messages)."""
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host = name[0]
-        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
-    if isinstance(name, bytes):
-        return os.fsdecode(name)
-    return str(name)

@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
-from blockdrv.block.node import Count
 from blockdrv.nbd.locks import FifoMutex
+from blockdrv.util.count import Count
 
 
 async def test_fifo_mutex_serves_waiters_in_order_and_newcomers_never_overtake():
@@ -61,3 +61,34 @@ async def test_count_wakes_waiters_and_is_a_plain_store_without_them():
     assert seen == [0]
     count.value = 3  # the setter, with nobody waiting
     assert count.value == 3
+
+
+async def test_count_wakes_only_the_waiters_whose_condition_holds():
+    count = Count(3)
+    woken: list[tuple[str, int]] = []
+
+    async def wait(name: str, condition) -> None:
+        woken.append((name, await count.wait_value(condition)))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, "zero", 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(wait, "below-two", lambda n: n < 2)
+            await trio.testing.wait_all_tasks_blocked()
+            count.add(-1)  # 2: nobody
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            count.value = 0  # both, with the value that woke them
+    assert sorted(woken) == [("below-two", 0), ("zero", 0)]
+
+
+async def test_count_wait_is_a_checkpoint_and_a_cancelled_waiter_leaves():
+    count = Count(0)
+    with trio.testing.assert_checkpoints():
+        assert await count.wait_value(0) == 0
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await count.wait_value(5)
+    assert "0 waiting" in repr(count)
+    count.add(5)  # no waiter left to wake
