@@ -36,7 +36,7 @@ from trio_util import AsyncValue, compose_values
 
 from ..block.node import BlockNode, BlockStatus
 from ..protocol.errors import ConnectError, InvalidArgumentError
-from ..protocol.export import ExportInfo
+from ..protocol.export import ExportInfo, incompatibility
 from ..protocol.uri import NBDAddress
 from .device import DeviceStatistics, NBDDevice
 from .states import State
@@ -99,7 +99,7 @@ class MultiConnDevice(BlockNode):
 
         Raises: nothing (cancellation only).
         """
-        with compose_values(_transform_=_worst, **{f"m{i}": member._state for i, member
+        with compose_values(_transform_=_worst, **{f"m{i}": member.state_value for i, member
                                                    in enumerate(self.members)}) as worst:
             return await worst.wait_value(lambda state: state in states)  # type: ignore[no-any-return]
 
@@ -201,18 +201,6 @@ def _worst(states: Iterable[State]) -> State:
     return max(states, key=_SEVERITY.__getitem__)
 
 
-def compatible(first: ExportInfo, other: ExportInfo) -> str | None:
-    """Why ``other`` cannot serve alongside ``first`` (None: it can)."""
-    for name in ("size", "flags", "structured", "extended", "tls", "min_block",
-                 "max_payload"):
-        if getattr(first, name) != getattr(other, name):
-            return (f"connection disagrees on {name}: {getattr(first, name)!r} "
-                    f"vs {getattr(other, name)!r}")
-    if set(first.contexts) != set(other.contexts):
-        return "connection negotiated other metadata contexts"
-    return None
-
-
 @asynccontextmanager
 async def open_multi(open_one: Callable[[], AbstractAsyncContextManager[NBDDevice]],
                      connections: int) -> AsyncIterator[MultiConnDevice]:
@@ -231,7 +219,7 @@ async def open_multi(open_one: Callable[[], AbstractAsyncContextManager[NBDDevic
         members = [first]
         for _ in range(connections - 1):
             member = await stack.enter_async_context(open_one())
-            reason = compatible(first.info, member.info)
+            reason = incompatibility(first.info, member.info)
             if reason is not None:
                 raise ConnectError(f"cannot open {first.address} with {connections} "
                                    f"connections: {reason}", errno=errno.EPROTO)

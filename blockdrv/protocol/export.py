@@ -224,3 +224,32 @@ def check_request(info: ExportInfo, command: int, offset: int, length: int,
     limit = info.max_length(cmd, flags)
     if length > limit:
         raise InvalidArgumentError(f"{name}: length {length} is over the limit {limit}")
+
+
+def incompatibility(old: ExportInfo, new: ExportInfo) -> str | None:
+    """Why ``new`` cannot stand in for ``old`` (None: it can): the one rule for a
+    reconnect's export and for a multi-conn device's extra connections.  ``new`` must
+    have the same size and TLS use, offer every capability, negotiated feature and meta
+    context ``old`` offered, and be no stricter about block sizes; offering more is fine
+    (the device only uses what ``old`` offered).
+    """
+    if new.size != old.size:
+        return f"size changed from {old.size} to {new.size}"
+    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+                 "can_df", "can_cache"):
+        if getattr(old, flag) and not getattr(new, flag):
+            return f"{flag} is no longer offered"
+    if new.is_read_only and not old.is_read_only:
+        return "the export became read-only"
+    if old.structured and not new.structured:
+        return "structured replies are no longer offered"
+    if old.extended and not new.extended:
+        return "extended headers are no longer offered"
+    missing = set(old.contexts) - set(new.contexts)
+    if missing:
+        return f"meta contexts {sorted(missing)} are no longer offered"
+    if new.min_block > old.min_block or new.max_payload < old.max_payload:
+        return "block size constraints became stricter"
+    if new.tls != old.tls:
+        return "TLS use changed"
+    return None

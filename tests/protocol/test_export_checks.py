@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
@@ -10,7 +11,7 @@ from support.errors import raises_message
 from blockdrv.protocol import ExportInfo, InvalidArgumentError, UnsupportedError
 from blockdrv.protocol.constants import Command, CommandFlag
 from blockdrv.protocol.constants import TransmissionFlag as T
-from blockdrv.protocol.export import check_request
+from blockdrv.protocol.export import check_request, incompatibility
 
 ALL = (T.HAS_FLAGS | T.SEND_FLUSH | T.SEND_FUA | T.SEND_TRIM | T.SEND_WRITE_ZEROES
        | T.SEND_DF | T.SEND_CACHE | T.SEND_FAST_ZERO)
@@ -143,3 +144,27 @@ def test_describe_uses_nbdinfo_names():
         "block_size_maximum": 1 << 20, "contexts": ["base:allocation"], "structured": True,
         "extended": False,
     }
+
+
+# --- incompatibility: one rule for reconnects and multi-conn ------------------------------
+
+@pytest.mark.parametrize("change, reason", [
+    ({"size": 1 << 29}, f"size changed from {1 << 30} to {1 << 29}"),
+    ({"flags": ALL & ~T.SEND_TRIM}, "can_trim is no longer offered"),
+    ({"flags": ALL | T.READ_ONLY}, "the export became read-only"),
+    ({"structured": False}, "structured replies are no longer offered"),
+    ({"contexts": {}}, "meta contexts ['base:allocation'] are no longer offered"),
+    ({"block_size_maximum": 1 << 16}, "block size constraints became stricter"),
+    ({"tls": True}, "TLS use changed"),
+])
+def test_an_export_that_offers_less_cannot_stand_in(change, reason):
+    old = dataclasses.replace(FULL, contexts={"base:allocation": 1})
+    assert incompatibility(old, dataclasses.replace(old, **change)) == reason
+
+
+def test_an_export_that_offers_as_much_or_more_can_stand_in():
+    old = dataclasses.replace(BARE, contexts={"base:allocation": 1})
+    assert incompatibility(old, old) is None
+    more = dataclasses.replace(old, flags=ALL, structured=True,
+                               contexts={"base:allocation": 1, "qemu:dirty-bitmap:b": 2})
+    assert incompatibility(old, more) is None
