@@ -7,7 +7,7 @@ qemu:allocation-depth, ...), then opens the export with all of them negotiated, 
 proxy can offer each to its clients.  A server that will not list them is asked for
 base:allocation only.  Both steps take the same options, so with ``open_timeout`` the
 proxy may start before its upstream does.  Opening failures are one line
-(:func:`blockdrv.tools.opening.open_device`).
+(:func:`blockdrv.nbd.opening.open_device`).
 """
 
 from __future__ import annotations
