@@ -33,7 +33,8 @@ def info(uri: str, as_json: bool, size_only: bool, can: str | None, is_: str | N
     """What the server says about an export (like nbdinfo)."""
     import json
 
-    from ..nbd.opening import address_of, open_device
+    from ..nbd.open import address_of
+    from ..nbd.opening import open_device
     from .describe import export_lines, feature_test, protocol_fields, protocol_line
 
     if can and is_:

@@ -34,7 +34,8 @@ def list_command(uri: str, as_json: bool, options: ClientOptions) -> None:
     import json
     from dataclasses import replace
 
-    from ..nbd.opening import address_of, ask, open_device
+    from ..nbd.open import address_of
+    from ..nbd.opening import ask, open_device
     from ..nbd.query import list_exports
     from .describe import export_lines, protocol_fields, protocol_line
 

@@ -28,7 +28,8 @@ def map_command(uri: str, context: str, totals: bool, as_json: bool,
 
     from ..copy.extents import describe_flags, map_extents
     from ..copy.extents import totals as sum_types
-    from ..nbd.opening import address_of, open_device
+    from ..nbd.open import address_of
+    from ..nbd.opening import open_device
     from .describe import extent_line, total_json, total_line
 
     address = address_of(uri)

@@ -26,6 +26,7 @@ from every request task, so a request never connects by itself.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Awaitable, Callable, Generic, TypeVar
 
 import trio
@@ -69,6 +70,18 @@ class ClientConnection(Generic[T]):
     def __repr__(self) -> str:
         return (f"<ClientConnection running={self.running} ready={self._result is not None} "
                 f"attempts={self.attempts} error={self.error!r}>")
+
+    async def first(self, open_timeout: float) -> T | None:
+        """The first connection of an open: one attempt when ``open_timeout`` is 0,
+        else attempts (retrying only what :func:`worth_retrying_open` allows) until
+        ``open_timeout`` runs out.  None when none succeeded (the cause is in
+        :attr:`error`).  The one open policy of the device and of handshake-only
+        queries."""
+        self.retry = open_timeout > 0
+        self.retry_if = worth_retrying_open
+        with trio.move_on_after(open_timeout) if open_timeout > 0 else nullcontext():
+            return await self.get(blocking=True)
+        return None
 
     async def get(self, *, blocking: bool) -> T | None:
         """A new connection, or None (not blocking and none ready; or the wait was

@@ -67,7 +67,6 @@ I/O through the handle the section yields.
 from __future__ import annotations
 
 import errno
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import trio
@@ -78,7 +77,6 @@ from ..protocol.errors import (
     NBDError,
 )
 from ..protocol.export import ExportInfo
-from .connection import worth_retrying_open
 from .connection_states import _describe
 from .requests import RequestEngine
 from .states import Event, State
@@ -164,11 +162,7 @@ class NBDDevice(RequestEngine):
     async def _open(self, open_timeout: float) -> None:
         """First connection: one attempt, or retries for up to ``open_timeout`` s."""
         worker = self._worker
-        worker.retry = open_timeout > 0
-        worker.retry_if = worth_retrying_open
-        result = None
-        with trio.move_on_after(open_timeout) if open_timeout > 0 else nullcontext():
-            result = await worker.get(blocking=True)
+        result = await worker.first(open_timeout)
         if result is None:
             await worker.close()
             cause = worker.error

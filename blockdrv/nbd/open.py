@@ -94,7 +94,9 @@ def check_options(*, reconnect_delay: object, open_timeout: object, max_in_fligh
         _optional_text(name, value)
 
 
-def _address(target: object, export: object) -> NBDAddress:
+def address_of(target: object, export: object = None) -> NBDAddress:
+    """The parsed address of ``target`` (a URI or an NBDAddress), with ``export`` in
+    place of its export name when given; InvalidArgumentError for anything else."""
     if isinstance(target, NBDAddress):
         address = target
     elif isinstance(target, str):
@@ -167,7 +169,7 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                   tls_context=tls_context, tls_ca=tls_ca, tls_cert=tls_cert,
                   tls_key=tls_key, tls_hostname=tls_hostname)
     _outside_asyncio("blockdrv.open_nbd")
-    address = _address(target, export)
+    address = address_of(target, export)
     contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
     tls_settings = client_settings(address, tls=tls, context=tls_context, ca=tls_ca,
                                    cert=tls_cert, key=tls_key, hostname=tls_hostname)

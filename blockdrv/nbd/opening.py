@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -31,9 +31,10 @@ import trio
 
 from ..protocol.constants import OptionReply
 from ..protocol.errors import NBDError, OptionError
-from ..protocol.uri import NBDAddress, parse_uri
+from ..protocol.uri import NBDAddress
 from . import ConnectError, Device, open_nbd
-from .connection import ClientConnection, worth_retrying_open
+from .connection import ClientConnection
+from .open import address_of
 
 T = TypeVar("T")
 
@@ -50,12 +51,6 @@ class ClientOptions:
         """Keyword arguments of :func:`blockdrv.open_nbd`."""
         return {"reconnect_delay": self.reconnect_delay, "open_timeout": self.open_timeout,
                 "connect_timeout": self.connect_timeout}
-
-
-def address_of(target: str | NBDAddress, export: str | None = None) -> NBDAddress:
-    """The parsed address of ``target``, with ``export`` in place of its export name."""
-    address = parse_uri(target) if isinstance(target, str) else target
-    return address if export is None else replace(address, export=export)
 
 
 def explain_open_failure(exc: BaseException, address: NBDAddress,
@@ -117,12 +112,7 @@ async def ask(question: Callable[[], Awaitable[T]], address: NBDAddress,
         worker: ClientConnection[T] = ClientConnection(
             question, nursery, close_result=_nothing_to_close,
             attempt_timeout=options.connect_timeout)
-        worker.retry = options.open_timeout > 0
-        worker.retry_if = worth_retrying_open
-        timeout = (trio.move_on_after(options.open_timeout) if options.open_timeout > 0
-                   else nullcontext())
-        with timeout:
-            result = await worker.get(blocking=True)
+        result = await worker.first(options.open_timeout)
         error = worker.error
         await worker.close()
     if result is None:

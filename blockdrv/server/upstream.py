@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..nbd import Device
-from ..nbd.opening import ClientOptions, address_of, ask, open_device
+from ..nbd.open import address_of
+from ..nbd.opening import ClientOptions, ask, open_device
 from ..nbd.query import list_meta_contexts
 from ..protocol.constants import BASE_ALLOCATION
 from ..protocol.errors import ConnectError, OptionError
