@@ -24,9 +24,8 @@ async def insert_filter(node: BlockNode, filter: FilterNode) -> None:
     if filter is node:
         raise InvalidArgumentError("a filter cannot be inserted on itself")
     async with node.drained():
-        filter.child = node._proxies[-1] if node._proxies else node.bypass()
+        filter.child = node.push_proxy(filter)
         filter.inserted_on = node
-        node._proxies.append(filter)
 
 
 async def remove_filter(filter: FilterNode) -> None:
@@ -35,11 +34,9 @@ async def remove_filter(filter: FilterNode) -> None:
     if node is None:
         raise InvalidArgumentError(f"{filter!r} is not inserted on a node")
     async with node.drained(), filter.drained():
-        stack = node._proxies
-        index = stack.index(filter)
-        if index + 1 < len(stack):
-            stack[index + 1].child = filter.child  # type: ignore[attr-defined]
-        del stack[index]
+        above = node.pull_proxy(filter)
+        if above is not None:
+            above.child = filter.child  # type: ignore[attr-defined]
         filter.child = None
         filter.inserted_on = None
 
@@ -54,10 +51,10 @@ async def replace_node(old: BlockNode, new: BlockNode) -> None:
     while hop is not None:  # refuse a loop old -> new -> ... -> old
         if hop is old:
             raise InvalidArgumentError(f"replacing {old!r} by {new!r} would make a loop")
-        hop = hop._replacement
+        hop = hop.replacement
     async with old.drained():
         if target is not None:
             async with target.drained():
-                old._replacement = target
+                old.redirect(target)
         else:
-            old._replacement = None
+            old.redirect(None)

@@ -23,7 +23,8 @@ implementation, from the port or from a bypass, count in ``_executing``.
 nothing executes in the node, then drains the node's :meth:`children` (composition down
 the graph), and reopens the gate when the section ends.  Drains nest (a counter) and
 never cancel or fail anything.  The graph changes of :mod:`blockdrv.block.graph` edit
-``_proxies`` and ``_replacement`` inside such a section.
+the routing (:meth:`BlockNode.push_proxy`, :meth:`~BlockNode.pull_proxy`,
+:meth:`~BlockNode.redirect`) inside such a section; the node refuses an edit outside one.
 
 The section's *owner* (the task that entered it) can still do I/O: through the
 :class:`DrainedSection` handle the section yields, whose calls pass the gates of the
@@ -231,6 +232,41 @@ class BlockNode(abc.ABC):
     def filters(self) -> tuple[BlockNode, ...]:
         """The filters inserted on this node's port, bottom first."""
         return tuple(self._proxies)
+
+    @property
+    def replacement(self) -> BlockNode | None:
+        """The node this one's I/O goes to instead of its own code (None: its own)."""
+        return self._replacement
+
+    # The three edits of the port's routing, for blockdrv.block.graph, which calls them
+    # inside a drained section of this node (checked: outside one they would race with
+    # requests being routed).
+
+    def _require_drained(self, edit: str) -> None:
+        if not self._drains.value:
+            raise RuntimeError(f"{edit} on {self!r} outside a drained section")
+
+    def push_proxy(self, proxy: BlockNode) -> BlockNode | Bypass:
+        """Route this port's I/O to ``proxy`` from now on; returns the node ``proxy``
+        must send its own requests to (the proxy below it, or this node's bypass)."""
+        self._require_drained("inserting a proxy")
+        below = self._proxies[-1] if self._proxies else self.bypass()
+        self._proxies.append(proxy)
+        return below
+
+    def pull_proxy(self, proxy: BlockNode) -> BlockNode | None:
+        """Take ``proxy`` off this port; returns the proxy that was right above it
+        (which must now send to what ``proxy`` sent to), or None when it was the top."""
+        self._require_drained("removing a proxy")
+        index = self._proxies.index(proxy)
+        above = self._proxies[index + 1] if index + 1 < len(self._proxies) else None
+        del self._proxies[index]
+        return above
+
+    def redirect(self, target: BlockNode | None) -> None:
+        """Send what reaches this node's own code to ``target`` (None: undo)."""
+        self._require_drained("replacing a node")
+        self._replacement = target
 
     @asynccontextmanager
     async def _entry(self) -> AsyncIterator[IO]:
@@ -590,7 +626,7 @@ class Bypass(_Own):
     __slots__ = ()
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        replacement = self.node._replacement
+        replacement = self.node.replacement
         if replacement is not None:
             return await getattr(replacement, method)(*args, **kwargs)
         return await super()._call(method, *args, **kwargs)

@@ -22,7 +22,6 @@ from ..io.transport import Channel, TransportError
 from ..protocol.constants import Command
 from ..protocol.errors import (
     ConnectionLostError,
-    InvalidArgumentError,
     NBDError,
     ProtocolError,
 )
@@ -31,9 +30,10 @@ from ..protocol.uri import NBDAddress
 from ..protocol.wire import encode_request
 from .admission import Admission, AdmissionMonitor
 from .connection import ClientConnection
-from .dispatch import MAX_SLOTS, Dispatcher, Session
-from .handshake import HandshakeOptions, StreamFactory, connect_export
+from .dispatch import Dispatcher, Session
+from .handshake import HandshakeOptions, connect_export
 from .locks import FifoMutex
+from .settings import ConnectionSettings
 from .states import Event, State, next_state
 
 log = logging.getLogger("blockdrv.nbd")
@@ -48,28 +48,20 @@ class ConnectionStates(BlockNode):
     """Connections, states and admission of an NBD device (see the module docstring)."""
 
     def __init__(self, address: NBDAddress, options: HandshakeOptions,
-                 nursery: trio.Nursery, *, reconnect_delay: float = 0.0,
-                 max_in_flight: int = 16, retry_initial: float = 1.0,
-                 retry_max: float = 16.0, socket_buffer_size: int | None = None,
-                 guard_writes: bool = False, stream_factory: StreamFactory | None = None,
-                 connect_timeout: float = 30.0, cancel_timeout: float = 5.0) -> None:
-        if reconnect_delay < 0:
-            raise InvalidArgumentError("reconnect_delay must not be negative")
-        if not 1 <= max_in_flight <= MAX_SLOTS:
-            raise InvalidArgumentError(f"max_in_flight must be within 1..{MAX_SLOTS}")
+                 nursery: trio.Nursery, settings: ConnectionSettings) -> None:
         super().__init__()
         self.address = address
         self.options = options
-        self.reconnect_delay = reconnect_delay
-        self.max_in_flight = max_in_flight
-        self.guard_writes = guard_writes
-        self.cancel_timeout = cancel_timeout
+        self.settings = settings
+        # Copies of the (frozen) settings the request path reads on every request.
+        self.reconnect_delay = settings.reconnect_delay
+        self.max_in_flight = settings.max_in_flight
+        self.guard_writes = settings.guard_writes
+        self.cancel_timeout = settings.cancel_timeout
         self._nursery = nursery
-        self._stream_factory = stream_factory
-        self._socket_buffer_size = socket_buffer_size
 
         self.send_mutex = FifoMutex()
-        self._dispatch = Dispatcher(max_in_flight)
+        self._dispatch = Dispatcher(settings.max_in_flight)
         self.receive_mutex = self._dispatch.receive_mutex
         self._state = AsyncValue(State.CONNECTING_NOWAIT)
         self._admission = Admission(self._may_admit)
@@ -84,8 +76,8 @@ class ConnectionStates(BlockNode):
                        "delay_expired": 0, "sends_finished_cancelled": 0}
         self._worker: ClientConnection[tuple[Channel, ExportInfo]] = ClientConnection(
             self._connect, nursery, close_result=self._close_connection,
-            on_ready=self._adopt, retry_initial=retry_initial, retry_max=retry_max,
-            attempt_timeout=connect_timeout)
+            on_ready=self._adopt, retry_initial=settings.retry_initial,
+            retry_max=settings.retry_max, attempt_timeout=settings.connect_timeout)
 
     @property
     def state(self) -> State:
@@ -107,8 +99,8 @@ class ConnectionStates(BlockNode):
 
     async def _connect(self) -> tuple[Channel, ExportInfo]:
         return await connect_export(self.address, self.options,
-                                    stream_factory=self._stream_factory,
-                                    socket_buffer_size=self._socket_buffer_size)
+                                    stream_factory=self.settings.stream_factory,
+                                    socket_buffer_size=self.settings.socket_buffer_size)
 
     @staticmethod
     async def _close_connection(result: tuple[Channel, ExportInfo]) -> None:

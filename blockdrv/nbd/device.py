@@ -67,7 +67,9 @@ I/O through the handle the section yields.
 from __future__ import annotations
 
 import errno
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import trio
 
@@ -77,8 +79,12 @@ from ..protocol.errors import (
     NBDError,
 )
 from ..protocol.export import ExportInfo
+from ..protocol.uri import NBDAddress
+from ..util.taskgroups import reraise_alone
 from .connection_states import _describe
+from .handshake import HandshakeOptions
 from .requests import RequestEngine
+from .settings import ConnectionSettings
 from .states import Event, State
 
 
@@ -158,6 +164,28 @@ class NBDDevice(RequestEngine):
 
 
     # --- opening and closing ---------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, address: NBDAddress, options: HandshakeOptions,
+                     settings: ConnectionSettings) -> AsyncIterator[NBDDevice]:
+        """A device connected to ``address`` (async context manager), its background
+        tasks in a nursery of its own, closed on the way out; no ExceptionGroup leaves
+        it (:func:`~blockdrv.open_nbd` is the public way in)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                device = cls(address, options, nursery, settings)
+                try:
+                    await device._open(settings.open_timeout)
+                    yield device
+                finally:
+                    await device.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The background tasks never raise, so the group holds the body's exception.
+            if len(group.exceptions) == 1:
+                reraise_alone(group)
+            raise
 
     async def _open(self, open_timeout: float) -> None:
         """First connection: one attempt, or retries for up to ``open_timeout`` s."""

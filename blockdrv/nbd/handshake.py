@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Sequence
 
 import trio
 
-from ..io.tls import NO_TLS, TLSError, TLSSettings, upgrade
+from ..io.tls import NO_TLS, TLSSettings, upgrade
 from ..io.transport import Channel, TransportError, open_stream
 from ..protocol import (
     NEED_DATA,
@@ -25,7 +25,7 @@ from ..protocol import (
     ProtocolError,
     StartTLS,
 )
-from ..protocol.errors import ConnectionLostError
+from ..protocol.errors import ConnectionLostError, TLSError
 from ..protocol.negotiate import Phase
 from ..protocol.uri import NBDAddress
 

@@ -12,7 +12,6 @@ import functools
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from os import PathLike
 from typing import AsyncIterator, Sequence
 
 import trio
@@ -21,77 +20,13 @@ from ..io.tls import TLSMode, client_settings
 from ..protocol.constants import BASE_ALLOCATION
 from ..protocol.errors import InvalidArgumentError
 from ..protocol.uri import NBDAddress, parse_uri
-from ..util.taskgroups import reraise_alone
 from .device import NBDDevice
-from .dispatch import MAX_SLOTS
 from .handshake import HandshakeOptions, StreamFactory
 from .multiconn import MultiConnDevice, open_multi
+from .settings import ConnectionSettings, check_handshake_arguments
 
 Device = NBDDevice | MultiConnDevice
 """What :func:`open_nbd` yields: one connection, or several (``connections`` > 1)."""
-
-
-def _number(name: str, value: object, *, minimum: float = 0.0, positive: bool = False,
-            integer: bool = False, maximum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or (integer and not isinstance(value, int)):
-        kind = "an integer" if integer else "a number"
-        raise InvalidArgumentError(f"{name} must be {kind}, not {type(value).__name__}")
-    if value < minimum or (positive and value <= 0) or value != value:  # NaN too
-        bound = "positive" if positive else f"at least {minimum:g}"
-        raise InvalidArgumentError(f"{name} must be {bound}, not {value!r}")
-    if maximum is not None and value > maximum:
-        raise InvalidArgumentError(f"{name} must be at most {maximum:g}, not {value!r}")
-
-
-def _optional_text(name: str, value: object) -> None:
-    if value is not None and not isinstance(value, (str, PathLike)):
-        raise InvalidArgumentError(f"{name} must be a string or None, "
-                                   f"not {type(value).__name__}")
-
-
-def _flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
-
-
-def check_options(*, reconnect_delay: object, open_timeout: object, max_in_flight: object,
-                  retry_initial: object, retry_max: object, meta_contexts: object,
-                  socket_buffer_size: object, guard_writes: object, structured: object,
-                  extended: object, connect_timeout: object, cancel_timeout: object,
-                  connections: object, tls: object, tls_context: object, tls_ca: object,
-                  tls_cert: object, tls_key: object, tls_hostname: object) -> None:
-    """InvalidArgumentError naming the first bad argument of :func:`open_nbd`."""
-    _number("reconnect_delay", reconnect_delay)
-    _number("open_timeout", open_timeout)
-    _number("max_in_flight", max_in_flight, minimum=1, integer=True, maximum=MAX_SLOTS)
-    _number("retry_initial", retry_initial, positive=True)
-    _number("retry_max", retry_max, positive=True)
-    if retry_max < retry_initial:  # type: ignore[operator]
-        raise InvalidArgumentError(f"retry_max ({retry_max}) must not be below "
-                                   f"retry_initial ({retry_initial})")
-    _number("connect_timeout", connect_timeout, positive=True)
-    _number("cancel_timeout", cancel_timeout, positive=True)
-    _number("connections", connections, minimum=1, integer=True)
-    if socket_buffer_size is not None:
-        _number("socket_buffer_size", socket_buffer_size, positive=True, integer=True)
-    if isinstance(meta_contexts, (str, bytes)) or not isinstance(meta_contexts, Sequence) \
-            or not all(isinstance(c, str) for c in meta_contexts):
-        raise InvalidArgumentError("meta_contexts must be a list of context names, "
-                                   f"not {meta_contexts!r}")
-    for name, value in (("guard_writes", guard_writes), ("structured", structured),
-                        ("extended", extended)):
-        _flag(name, value)
-    if tls is not None and not isinstance(tls, (TLSMode, str, bool)):
-        raise InvalidArgumentError(f"tls must be 'off', 'allow', 'require', a TLSMode or "
-                                   f"a bool, not {type(tls).__name__} (an SSLContext goes "
-                                   "in tls_context=)")
-    if tls_context is not None and not isinstance(tls_context, ssl.SSLContext):
-        raise InvalidArgumentError(f"tls_context must be an ssl.SSLContext, "
-                                   f"not {type(tls_context).__name__}")
-    for name, value in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
-                        ("tls_hostname", tls_hostname)):
-        _optional_text(name, value)
 
 
 def address_of(target: object, export: object = None) -> NBDAddress:
@@ -160,14 +95,16 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
         ProtocolError: the server broke the protocol during the handshake.
         TLSError: TLS was required and could not be set up.
     """
-    check_options(reconnect_delay=reconnect_delay, open_timeout=open_timeout,
-                  max_in_flight=max_in_flight, retry_initial=retry_initial,
-                  retry_max=retry_max, meta_contexts=meta_contexts,
-                  socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
-                  structured=structured, extended=extended, connect_timeout=connect_timeout,
-                  cancel_timeout=cancel_timeout, connections=connections, tls=tls,
-                  tls_context=tls_context, tls_ca=tls_ca, tls_cert=tls_cert,
-                  tls_key=tls_key, tls_hostname=tls_hostname)
+    settings = ConnectionSettings(
+        reconnect_delay=reconnect_delay, open_timeout=open_timeout,
+        max_in_flight=max_in_flight, retry_initial=retry_initial, retry_max=retry_max,
+        socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
+        connect_timeout=connect_timeout, cancel_timeout=cancel_timeout,
+        connections=connections, stream_factory=stream_factory)
+    check_handshake_arguments(meta_contexts=meta_contexts, structured=structured,
+                              extended=extended, tls=tls, tls_context=tls_context,
+                              tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                              tls_hostname=tls_hostname)
     _outside_asyncio("blockdrv.open_nbd")
     address = address_of(target, export)
     contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *meta_contexts)))
@@ -175,13 +112,7 @@ async def open_nbd(target: str | NBDAddress, *, export: str | None = None,
                                    cert=tls_cert, key=tls_key, hostname=tls_hostname)
     options = HandshakeOptions(export=address.export, structured=structured,
                                extended=extended, meta_contexts=contexts, tls=tls_settings)
-    single = functools.partial(
-        _open_one, address, options, open_timeout=open_timeout,
-        reconnect_delay=reconnect_delay, max_in_flight=max_in_flight,
-        retry_initial=retry_initial, retry_max=retry_max,
-        socket_buffer_size=socket_buffer_size, guard_writes=guard_writes,
-        stream_factory=stream_factory, connect_timeout=connect_timeout,
-        cancel_timeout=cancel_timeout)
+    single = functools.partial(NBDDevice.opened, address, options, settings)
     if connections == 1:
         async with single() as device:
             yield device
@@ -204,30 +135,3 @@ def _outside_asyncio(name: str) -> None:
         raise RuntimeError(f"{name} is for trio, but this runs under {library}: use "
                            "blockdrv.aio.open_nbd from asyncio, blockdrv.sync.open_nbd "
                            "from plain threads") from None
-
-
-@asynccontextmanager
-async def _open_one(address: NBDAddress, options: HandshakeOptions, *, open_timeout: float,
-                    reconnect_delay: float, max_in_flight: int, retry_initial: float,
-                    retry_max: float, socket_buffer_size: int | None, guard_writes: bool,
-                    stream_factory: StreamFactory | None, connect_timeout: float,
-                    cancel_timeout: float) -> AsyncIterator[NBDDevice]:
-    try:
-        async with trio.open_nursery() as nursery:
-            device = NBDDevice(address, options, nursery, reconnect_delay=reconnect_delay,
-                               max_in_flight=max_in_flight, retry_initial=retry_initial,
-                               retry_max=retry_max, socket_buffer_size=socket_buffer_size,
-                               guard_writes=guard_writes, stream_factory=stream_factory,
-                               connect_timeout=connect_timeout,
-                               cancel_timeout=cancel_timeout)
-            try:
-                await device._open(open_timeout)
-                yield device
-            finally:
-                await device.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The background tasks never raise, so the group holds the body's exception.
-        if len(group.exceptions) == 1:
-            reraise_alone(group)
-        raise

@@ -155,6 +155,23 @@ async def test_replace_node_redirects_users():
                 await replace_node(old, old)
 
 
+async def test_routing_is_edited_only_inside_a_drained_section():
+    """The port's routing belongs to the node: the graph edits it through the node's
+    methods, and the node refuses an edit that would race with requests being routed."""
+    with trio.fail_after(30):
+        async with device() as (dev, srv):
+            trace = TraceFilter()
+            for edit in (lambda: dev.push_proxy(trace), lambda: dev.redirect(None)):
+                with pytest.raises(RuntimeError, match="outside a drained section"):
+                    edit()
+            assert dev.filters == () and dev.replacement is None
+            async with dev.drained():
+                below = dev.push_proxy(trace)
+                assert dev.filters == (trace,) and below is not dev
+                assert dev.pull_proxy(trace) is None
+            assert dev.filters == ()
+
+
 # --- drained sections ----------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ NOWHERE = "nbd+unix:///?socket=/nonexistent/blockdrv-test.sock"
     ({"meta_contexts": "qemu:dirty-bitmap:b0"}, "meta_contexts must be a list"),
     ({"guard_writes": "yes"}, "guard_writes must be True or False"),
     ({"export": 7}, "export must be a string"),
+    ({"stream_factory": "unix.sock"}, "stream_factory must be an async callable"),
 ])
 async def test_a_bad_argument_is_named(options, named):
     with trio.fail_after(10), pytest.raises(InvalidArgumentError, match=named) as caught:
@@ -55,6 +56,19 @@ async def test_a_bad_argument_is_named(options, named):
             pass
     assert isinstance(caught.value, ValueError)  # `except ValueError` keeps working
     assert caught.value.errno == 22
+
+
+def test_connection_settings_are_checked_once_when_built():
+    """The frozen settings object is where the checks live: the layers below it
+    (NBDDevice, the connection worker) take it as it is."""
+    from blockdrv.nbd.settings import ConnectionSettings
+
+    settings = ConnectionSettings(reconnect_delay=5, max_in_flight=4)
+    assert settings.reconnect_delay == 5 and settings.connect_timeout == 30.0
+    with pytest.raises(AttributeError):
+        settings.reconnect_delay = -1  # type: ignore[misc]
+    with pytest.raises(InvalidArgumentError, match="max_in_flight must be at least 1"):
+        ConnectionSettings(max_in_flight=0)
 
 
 async def test_a_bad_target_is_named():
