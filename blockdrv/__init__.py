@@ -4,6 +4,10 @@ See README.md for the overview and DESIGN.md (in the project's shared folder) fo
 architecture.  The public names are re-exported here.
 """
 
+# isort: off
+from .util import core  # noqa: F401  (first: it picks the core, BLOCKDRV_PURE_PYTHON)
+
+# isort: on
 from .block.node import BlockRange
 from .io.tls import TLSMode
 from .nbd import (

@@ -79,7 +79,9 @@ def bench(uri: str, pattern: str, request_size: int, depth: int, duration: float
     else:
         summary = run(bench_run)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        from ..util.core import in_use
+
+        click.echo(json.dumps({**summary, "core": in_use()}, indent=2))
         return
     us = 1e6
     click.echo(f"{pattern} {request_size} B, depth {depth}: {summary['ops']} requests in "

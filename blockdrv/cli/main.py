@@ -21,6 +21,7 @@ import click
 import trio
 
 from .. import __version__
+from ..util import core
 
 if TYPE_CHECKING:
     from ..nbd.opening import ClientOptions
@@ -127,7 +128,8 @@ def client_options(func: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="blockdrv")
+@click.version_option(__version__, prog_name="blockdrv",
+                      message=f"%(prog)s, version %(version)s\ncore: {core.in_use()}")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
 def main(verbose: int) -> None:
     """blockdrv: an NBD client block driver and the tools around it."""

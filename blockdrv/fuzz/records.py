@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ..bench.latency import quantiles
+from ..util import core
 from .config import FuzzConfig
 
 
@@ -133,6 +134,7 @@ class FuzzResult:
             "admission_overtakes": self.admission_overtakes,
             "violations": [asdict(v) for v in self.violations],
             "server_crashes": self.server_crashes,
+            "core": core.in_use(),
         }
 
     def write_reproducer(self, path: str | Path) -> None:
